@@ -1,0 +1,50 @@
+# pifarm.inference — the two commands of the README, and the pieces they use.
+#   make farm   brings up the local container farm with the site playbook
+#   make test   runs everything CI checks
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := $(CURDIR)/.venv
+export ANSIBLE_COLLECTIONS_PATH := $(VENV)/collections
+LOCAL_INVENTORY := inventory/local
+STAGES ?=
+
+.PHONY: help bootstrap venv farm farm-down test lint unit sanity molecule clean
+
+help:
+	@echo "make farm       start the local container farm and converge playbooks/site.yml"
+	@echo "make farm-down  remove the local farm's containers and network"
+	@echo "make test       lint, unit, sanity, collection build, molecule, farm (what CI runs)"
+	@echo "make lint | unit | sanity | molecule SCENARIO=node_base"
+
+bootstrap:
+	@scripts/testbed.sh all
+
+venv:
+	@scripts/testbed.sh venv
+
+farm: bootstrap
+	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm.yml
+	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) playbooks/site.yml
+
+farm-down: venv
+	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_down.yml
+
+test: bootstrap
+	@scripts/run-tests.sh $(STAGES)
+
+lint: venv
+	@scripts/run-tests.sh yamllint ansible-lint ruff
+
+unit: venv
+	@scripts/run-tests.sh pytest
+
+sanity: venv
+	@scripts/run-tests.sh sanity
+
+SCENARIO ?= node_base
+molecule: bootstrap
+	@scripts/run-tests.sh molecule-$(SCENARIO)
+
+clean:
+	rm -rf build

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Runs everything CI checks, stage by stage, and ends with one line
+# "summary: N passed, M failed" (pytest counts each test; every other stage
+# counts as one check). Exits non-zero when anything failed.
+#
+# Usage: run-tests.sh [STAGE...]   (default: all stages, in order)
+set -uo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo" || exit 2
+# shellcheck source=/dev/null
+source "$repo/.venv/bin/activate"
+export ANSIBLE_COLLECTIONS_PATH="$repo/.venv/collections"
+export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0 NO_COLOR=1
+
+logs="$repo/build/logs"
+mkdir -p "$logs"
+# Every molecule scenario is a stage of its own, found by its molecule.yml.
+mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
+all_stages=(yamllint ansible-lint ruff pytest sanity collection "${scenarios[@]/#/molecule-}" farm)
+
+stage_yamllint() { yamllint -s .; }
+stage_ansible-lint() { ansible-lint; }
+stage_ruff() { ruff check . && ruff format --check .; }
+stage_pytest() { pytest --junitxml="$repo/build/pytest.xml"; }
+stage_sanity() { scripts/sanity.sh; }
+
+stage_collection() {
+  # Build the Galaxy tarball and install it offline into an empty path: what a
+  # user without Galaxy access gets. Dependencies must already be installed.
+  local out="$repo/build/collection" empty="$repo/build/collection/empty-path"
+  rm -rf "$out" && mkdir -p "$empty"
+  ansible-galaxy collection build --force --output-path "$out" . || return 1
+  ansible-galaxy collection install --offline -p "$empty" "$out"/pifarm-inference-*.tar.gz || return 1
+  local roles
+  roles=$(ANSIBLE_COLLECTIONS_PATH="$empty" ansible-doc -t role -l pifarm.inference) || return 1
+  echo "$roles"
+  grep -q '^pifarm.inference.node_base ' <<<"$roles"
+}
+
+run_molecule() { molecule test -s "$1"; }
+
+stage_farm() {
+  # The local farm converges, and a second run of the site playbook changes
+  # nothing on any host. A farm that was already up is left running.
+  local had_farm=0 rc=0
+  docker container inspect storage1 >/dev/null 2>&1 && had_farm=1
+  make --no-print-directory farm || rc=1
+  if [ $rc -eq 0 ]; then
+    ansible-playbook -i inventory/local playbooks/site.yml | tee "$logs/farm-second-run.log" || rc=1
+    if grep -Eq 'changed=[1-9]' "$logs/farm-second-run.log"; then
+      echo "second site run changed something (not idempotent):"
+      grep -E 'changed:|changed=' "$logs/farm-second-run.log"
+      rc=1
+    fi
+  fi
+  [ $had_farm -eq 1 ] || make --no-print-directory farm-down >/dev/null || rc=1
+  return $rc
+}
+
+junit_counts() {
+  # prints "passed failed" from pytest's junit report
+  python3 - "$1" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print("0 1")
+    raise SystemExit
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+total = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skipped = sum(int(s.get("skipped", 0)) for s in suites)
+print(total - bad - skipped, bad)
+PY
+}
+
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
+passed=0
+failed=0
+failed_stages=()
+for stage in "${stages[@]}"; do
+  run=("stage_$stage")
+  [[ $stage == molecule-* ]] && run=(run_molecule "${stage#molecule-}")
+  if ! declare -F "${run[0]}" >/dev/null; then
+    echo "unknown stage '$stage'; stages: ${all_stages[*]}" >&2
+    exit 2
+  fi
+  log="$logs/$stage.log"
+  start=$(date +%s)
+  printf '=== %-20s ' "$stage"
+  rm -f "$repo/build/pytest.xml"
+  "${run[@]}" >"$log" 2>&1
+  rc=$?
+  secs=$(($(date +%s) - start))
+  if [ "$stage" = pytest ]; then
+    read -r p f < <(junit_counts "$repo/build/pytest.xml")
+    [ $rc -eq 0 ] || [ "$f" -gt 0 ] || f=1
+    passed=$((passed + p))
+    failed=$((failed + f))
+    printf '%s (%d passed, %d failed) %ds\n' "$([ "$f" -eq 0 ] && echo PASS || echo FAIL)" "$p" "$f" "$secs"
+  elif [ $rc -eq 0 ]; then
+    passed=$((passed + 1))
+    printf 'PASS %ds\n' "$secs"
+  else
+    failed=$((failed + 1))
+    printf 'FAIL %ds (log: %s)\n' "$secs" "${log#"$repo"/}"
+  fi
+  if [ $rc -ne 0 ]; then
+    failed_stages+=("$stage")
+    tail -n 40 "$log" | sed 's/^/    | /'
+  fi
+done
+
+[ ${#failed_stages[@]} -eq 0 ] || echo "failed stages: ${failed_stages[*]}"
+echo "summary: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Prepares this machine to run the pifarm test bed, idempotently and from
+# nothing (a fresh Debian 12 host, as root):
+#   - Debian's docker engine, debootstrap and python3-venv when missing;
+#   - dockerd running (started here when nothing else runs it);
+#   - the systemd base image (scripts/build-image.sh; cached by recipe hash);
+#   - the Python venv .venv/ with the pinned tooling and the node agent;
+#   - the collection visible to Ansible from this checkout.
+# Each step is skipped when its result is already there.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv="$repo/.venv"
+image_name=${PIFARM_IMAGE_NAME:-pifarm-systemd}
+
+log() { printf '[testbed] %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    log "installing system packages and starting dockerd needs root; run as root or install: $*"
+    exit 1
+  fi
+}
+
+ensure_system_packages() {
+  local missing=()
+  command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+  command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+  command -v git >/dev/null 2>&1 || missing+=(git)
+  command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  if [ ${#missing[@]} -eq 0 ]; then
+    return
+  fi
+  need_root "${missing[*]}"
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_dockerd() {
+  if docker info >/dev/null 2>&1; then
+    return
+  fi
+  need_root dockerd
+  if [ -d /run/systemd/system ]; then
+    log "starting docker.service"
+    systemctl start docker.service
+  else
+    # No init system manages services here (CI sandboxes): run dockerd ourselves.
+    log "starting dockerd (log: /var/log/pifarm-dockerd.log)"
+    nohup dockerd >/var/log/pifarm-dockerd.log 2>&1 &
+  fi
+  local waited=0
+  until docker info >/dev/null 2>&1; do
+    if [ "$waited" -ge 60 ]; then
+      log "dockerd did not answer on its socket within 60 s; see /var/log/pifarm-dockerd.log"
+      tail -n 20 /var/log/pifarm-dockerd.log >&2 || true
+      exit 1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+}
+
+ensure_image() {
+  local tag
+  tag=$("$repo/scripts/build-image.sh" "$image_name")
+  log "base image: $tag"
+}
+
+ensure_venv() {
+  # Reinstall only when the pins changed: the stamp holds pyproject.toml's hash.
+  local stamp="$venv/.pifarm-pyproject.sha256"
+  local want
+  want=$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return
+  fi
+  log "creating the Python venv at $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet -e "${repo}[dev]"
+  echo "$want" >"$stamp"
+}
+
+ensure_collection_link() {
+  # Ansible finds collections under <path>/ansible_collections/<ns>/<name>:
+  # link this checkout there so playbooks, molecule and ansible-doc use it.
+  local link="$venv/collections/ansible_collections/pifarm/inference"
+  mkdir -p "$(dirname "$link")"
+  ln -sfn "$repo" "$link"
+}
+
+case "${1:-all}" in
+  all)
+    ensure_system_packages
+    ensure_dockerd
+    ensure_venv
+    ensure_collection_link
+    ensure_image
+    ;;
+  venv)
+    ensure_system_packages
+    ensure_venv
+    ensure_collection_link
+    ;;
+  *)
+    log "usage: testbed.sh [all|venv]"
+    exit 2
+    ;;
+esac
