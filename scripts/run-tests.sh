@@ -31,11 +31,14 @@ stage_collection() {
   local out="$repo/build/collection" empty="$repo/build/collection/empty-path"
   rm -rf "$out" && mkdir -p "$empty"
   ansible-galaxy collection build --force --output-path "$out" . || return 1
-  ansible-galaxy collection install --offline -p "$empty" "$out"/pifarm-inference-*.tar.gz || return 1
+  # Only the empty path is configured, so the checkout's own link cannot count
+  # as "already installed"; the dependencies resolve from the ansible package.
+  ANSIBLE_COLLECTIONS_PATH="$empty" \
+    ansible-galaxy collection install --offline -p "$empty" "$out"/pifarm-inference-*.tar.gz || return 1
   local roles
   roles=$(ANSIBLE_COLLECTIONS_PATH="$empty" ansible-doc -t role -l pifarm.inference) || return 1
   echo "$roles"
-  grep -q '^pifarm.inference.node_base ' <<<"$roles"
+  grep -Eq '^pifarm\.inference\.node_base[: ]' <<<"$roles"
 }
 
 run_molecule() { molecule test -s "$1"; }

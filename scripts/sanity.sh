@@ -10,7 +10,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 sanity_venv="$repo/.venv/sanity"
 ansible_core_pin=$(grep -Eo '"ansible-core==[^"]+"' "$repo/pyproject.toml" | tr -d '"')
-root="$repo/build/sanity/ansible_collections/pifarm/inference"
+root="${PIFARM_SANITY_DIR:-$repo/build/sanity}/ansible_collections/pifarm/inference"
 
 if [ ! -x "$sanity_venv/bin/ansible-test" ] || ! "$sanity_venv/bin/pip" show -q "${ansible_core_pin%%==*}" 2>/dev/null \
      || [ "$("$sanity_venv/bin/pip" show "${ansible_core_pin%%==*}" | sed -n 's/^Version: //p')" != "${ansible_core_pin##*==}" ]; then

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# scripts/testbed.sh links this checkout as .venv/collections/ansible_collections/
+# pifarm/inference, so plugins import by their FQCN path as Ansible loads them.
+sys.path.insert(0, str(REPO / ".venv" / "collections"))
 
 
 @pytest.fixture(scope="session")
