@@ -1,10 +1,11 @@
-"""Bad input to node_base fails before the host is touched, naming the variable."""
+"""Bad input to a role fails before the host is touched, with a message naming the variable."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 INVENTORY = "pifarm-no-such-host ansible_connection=community.docker.docker\n"
 
 
-def run_node_base(tmp_path: Path, env: dict[str, str], extra_vars: dict) -> subprocess.CompletedProcess:
+def run_role(role: str, tmp_path: Path, env: dict[str, str], extra_vars: dict) -> subprocess.CompletedProcess:
     inventory = tmp_path / "hosts"
     inventory.write_text(INVENTORY)
     return subprocess.run(
@@ -22,9 +23,9 @@ def run_node_base(tmp_path: Path, env: dict[str, str], extra_vars: dict) -> subp
             "ansible-playbook",
             "-i",
             str(inventory),
-            str(HERE / "playbooks" / "node_base.yml"),
+            str(HERE / "playbooks" / "role.yml"),
             "-e",
-            json.dumps(extra_vars),
+            json.dumps({"role_under_test": f"pifarm.inference.{role}", **extra_vars}),
         ],
         capture_output=True,
         text=True,
@@ -34,61 +35,109 @@ def run_node_base(tmp_path: Path, env: dict[str, str], extra_vars: dict) -> subp
     )
 
 
-def recap(result: subprocess.CompletedProcess) -> dict[str, int]:
-    match = re.search(r"pifarm-no-such-host\s*:\s*(.*)", result.stdout)
+def recap(result: subprocess.CompletedProcess, host: str = "pifarm-no-such-host") -> dict[str, int]:
+    """The PLAY RECAP counters of one host."""
+    match = re.search(rf"^{re.escape(host)}\s+:\s+(ok=.*)$", result.stdout, re.MULTILINE)
     assert match, result.stdout
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
+ARGSPEC = "Validating arguments against arg spec"
+
+
 @pytest.mark.parametrize(
-    ("extra_vars", "failing_task", "named"),
+    ("role", "extra_vars", "failing_task", "named"),
     [
         pytest.param(
+            "node_base",
             {"node_base_cpu_governor": "turbo"},
-            "Validating arguments against arg spec",
+            ARGSPEC,
             "node_base_cpu_governor",
             id="unknown-governor",
         ),
         pytest.param(
+            "node_base",
             {"node_base_wifi_powersave_disabled": "sometimes"},
-            "Validating arguments against arg spec",
+            ARGSPEC,
             "node_base_wifi_powersave_disabled",
             id="not-a-bool",
         ),
         pytest.param(
+            "node_base",
             {"node_base_packages": {"chrony": True}},
-            "Validating arguments against arg spec",
+            ARGSPEC,
             "node_base_packages",
             id="dict-for-list",
         ),
         pytest.param(
+            "node_base",
             {"node_base_journald_system_max_use": "lots"},
             "Assert journald sizes are byte counts",
             "node_base_journald_system_max_use=lots",
             id="bad-journald-size",
         ),
         pytest.param(
+            "node_base",
             {"node_base_chrony_pools": [], "node_base_chrony_servers": []},
             "Assert chrony has at least one time source",
             "node_base_chrony_pools",
             id="no-time-source",
         ),
         pytest.param(
+            "node_base",
             {"node_base_ca_certificates": [{"content": "-----BEGIN CERTIFICATE-----"}]},
             "Assert each extra CA certificate has one source and a name",
             "node_base_ca_certificates[0]",
             id="ca-without-name",
         ),
         pytest.param(
+            "node_base",
             {"node_base_ca_certificates": [{"src": "/nonexistent/proxy-ca.crt"}]},
             "Assert each extra CA certificate has one source and a name",
             "node_base_ca_certificates[0]",
             id="ca-file-missing",
         ),
+        pytest.param(
+            "pi_boot",
+            {"pi_boot_boot_order": "0xz1"},
+            "Decode the boot order",
+            "'0xz1'",
+            id="malformed-boot-order",
+        ),
+        pytest.param(
+            "pi_boot",
+            {"pi_boot_npu": True, "pi_boot_nvme": True},
+            "Assert an NPU and an NVMe drive do not compete",
+            "pi_boot_pcie_switch: true",
+            id="npu-and-nvme-without-switch",
+        ),
+        pytest.param(
+            "pi_boot",
+            {"pi_boot_model_disk_device": "sda"},
+            "Assert the model disk is a device path",
+            "pi_boot_model_disk_device=sda",
+            id="model-disk-not-a-device",
+        ),
+        pytest.param(
+            "npu",
+            {"npu_enabled": True, "npu_package_versions": {"hailort": "4.20.0", "h10-hailort": "5.1.1"}},
+            "Assert only one Hailo stack is requested",
+            "cannot be installed together",
+            id="both-npu-stacks",
+        ),
+        pytest.param(
+            "npu",
+            {"npu_enabled": True, "npu_stack": "hailo9"},
+            ARGSPEC,
+            "npu_stack",
+            id="unknown-npu-stack",
+        ),
     ],
 )
-def test_bad_input_fails_before_touching_the_host(tmp_path, ansible_env, extra_vars, failing_task, named):
-    result = run_node_base(tmp_path, ansible_env, extra_vars)
+def test_bad_input_fails_before_touching_the_host(
+    tmp_path, ansible_env, role, extra_vars, failing_task, named
+):
+    result = run_role(role, tmp_path, ansible_env, extra_vars)
     assert result.returncode != 0
     counts = recap(result)
     assert counts["failed"] == 1
@@ -101,9 +150,114 @@ def test_bad_input_fails_before_touching_the_host(tmp_path, ansible_env, extra_v
     assert named in result.stdout
 
 
-def test_good_input_passes_the_checks_and_reaches_the_host(tmp_path, ansible_env):
+@pytest.mark.parametrize(
+    ("role", "extra_vars"),
+    [
+        ("node_base", {"node_base_cpu_governor": "schedutil"}),
+        ("pi_boot", {"pi_boot_npu": True, "pi_boot_nvme": False, "pi_boot_boot_order": "0xf14"}),
+        ("pi_boot", {"pi_boot_npu": True, "pi_boot_nvme": True, "pi_boot_pcie_switch": True}),
+        ("npu", {"npu_enabled": True, "npu_package_versions": {"hailort": "4.20.0"}}),
+    ],
+)
+def test_good_input_passes_the_checks_and_reaches_the_host(tmp_path, ansible_env, role, extra_vars):
     """The control case: with valid input the run gets past every check to the host."""
-    result = run_node_base(tmp_path, ansible_env, {"node_base_cpu_governor": "schedutil"})
+    result = run_role(role, tmp_path, ansible_env, extra_vars)
     counts = recap(result)
     assert counts["unreachable"] == 1
     assert counts["failed"] == 0
+
+
+@pytest.mark.parametrize(
+    "extra_vars",
+    [
+        pytest.param({}, id="no-target"),
+        pytest.param({"pifarm_clone_target": "/dev/nvme0n1"}, id="no-confirmation"),
+        pytest.param(
+            {"pifarm_clone_target": "/dev/nvme0n1", "pifarm_clone_confirm": "/dev/sda"}, id="other-device"
+        ),
+        pytest.param(
+            {"pifarm_clone_target": "/dev/mmcblk0", "pifarm_clone_confirm": "/dev/mmcblk0"}, id="sd-as-target"
+        ),
+    ],
+)
+def test_clone_never_runs_without_naming_the_target_twice(tmp_path, ansible_env, extra_vars):
+    inventory = tmp_path / "hosts"
+    inventory.write_text(INVENTORY)
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory),
+            str(HERE.parents[1] / "playbooks" / "clone_sd_to_nvme.yml"),
+            "-e",
+            json.dumps({"pifarm_clone_hosts": "all", **extra_vars}),
+        ],
+        capture_output=True,
+        text=True,
+        env=ansible_env,
+        timeout=300,
+        check=False,
+    )
+    counts = recap(result)
+    assert counts["failed"] == 1
+    assert counts["unreachable"] == 0
+    assert "Refusing to clone: this ERASES the target drive" in result.stdout
+
+
+FIXTURES = HERE.parent / "unit" / "fixtures" / "pi5"
+
+
+@pytest.mark.parametrize(
+    ("extra_vars", "failing_task", "message"),
+    [
+        pytest.param(
+            {},
+            "Assert Raspberry Pi's apt repository provides the stack",
+            "hailo-h10-all has no install candidate",
+            id="no-raspberry-pi-repository",
+        ),
+        pytest.param(
+            {"npu_stack": "hailo8"},
+            "Assert the requested stack matches the board",
+            "a hailo10h at 0001:01:00.0, which needs hailo-h10-all",
+            id="stack-does-not-match-board",
+        ),
+    ],
+)
+def test_npu_stops_before_installing_anything(tmp_path, ansible_env, extra_vars, failing_task, message):
+    """The npu role on this (Debian, non-Pi) machine, reading a recorded Pi 5 with an AI HAT+ 2.
+
+    Everything up to the refusal only reads (facts, dpkg, apt-cache policy), so it
+    runs for real on the test host over a local connection.
+    """
+    inventory = tmp_path / "hosts"
+    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory),
+            str(HERE / "playbooks" / "role.yml"),
+            "-e",
+            json.dumps(
+                {
+                    "role_under_test": "pifarm.inference.npu",
+                    "npu_enabled": True,
+                    "npu_root": str(FIXTURES / "pi5-16gb-hailo10h"),
+                    **extra_vars,
+                }
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        env=ansible_env,
+        timeout=300,
+        check=False,
+    )
+    counts = recap(result, "localhost")
+    assert counts["failed"] == 1
+    assert counts["changed"] == 0
+    first_failure = re.search(r"^(fatal|failed): \[", result.stdout, re.MULTILINE)
+    assert first_failure, result.stdout
+    assert failing_task in result.stdout[: first_failure.start()].rsplit("TASK [", 1)[1]
+    assert message in result.stdout
