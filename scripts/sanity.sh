@@ -2,9 +2,10 @@
 # Runs `ansible-test sanity` on the collection as Galaxy would ship it.
 #
 # ansible-test needs the collection under ansible_collections/<ns>/<name> and a
-# git tree to list its files, so the checkout's files (tracked and new, not
-# ignored) are copied to build/sanity. It runs from its own venv so the sanity
-# tests' pinned linters never replace the project's pinned ones in .venv.
+# git tree to list its files, so the collection is built with ansible-galaxy
+# (honouring build_ignore: what users get) and unpacked to build/sanity. It runs
+# from its own venv so the sanity tests' pinned linters never replace the
+# project's pinned ones in .venv.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,7 +44,10 @@ fi
 
 rm -rf "$root"
 mkdir -p "$root"
-(cd "$repo" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$root")
+tarball_dir=$(mktemp -d)
+trap 'rm -rf "$tarball_dir"' EXIT
+"$sanity_venv/bin/ansible-galaxy" collection build --output-path "$tarball_dir" "$repo" >/dev/null
+tar -xzf "$tarball_dir"/pifarm-inference-*.tar.gz -C "$root"
 cd "$root"
 git init -q
 git add -A
