@@ -42,6 +42,13 @@ def recap(result: subprocess.CompletedProcess, host: str = "pifarm-no-such-host"
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
+def first_failed_task(result: subprocess.CompletedProcess) -> str:
+    """The header of the task the run first failed in."""
+    first_failure = re.search(r"^(fatal|failed): \[", result.stdout, re.MULTILINE)
+    assert first_failure, result.stdout
+    return result.stdout[: first_failure.start()].rsplit("TASK [", 1)[1]
+
+
 ARGSPEC = "Validating arguments against arg spec"
 
 
@@ -143,10 +150,7 @@ def test_bad_input_fails_before_touching_the_host(
     assert counts["failed"] == 1
     assert counts["unreachable"] == 0, "the role reached the host before rejecting the input"
     assert counts["changed"] == 0
-    first_failure = re.search(r"^(fatal|failed): \[", result.stdout, re.MULTILINE)
-    assert first_failure, result.stdout
-    failed_at = result.stdout[: first_failure.start()].rsplit("TASK [", 1)[1]
-    assert failing_task in failed_at
+    assert failing_task in first_failed_task(result)
     assert named in result.stdout
 
 
@@ -257,7 +261,69 @@ def test_npu_stops_before_installing_anything(tmp_path, ansible_env, extra_vars,
     counts = recap(result, "localhost")
     assert counts["failed"] == 1
     assert counts["changed"] == 0
-    first_failure = re.search(r"^(fatal|failed): \[", result.stdout, re.MULTILINE)
-    assert first_failure, result.stdout
-    assert failing_task in result.stdout[: first_failure.start()].rsplit("TASK [", 1)[1]
+    assert failing_task in first_failed_task(result)
+    assert message in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra_vars", "failing_task", "message"),
+    [
+        pytest.param(
+            {"farm_cpu_network_cores": "0-1", "farm_cpu_inference_cores": "1-3"},
+            "Assert network and inference cores do not overlap",
+            "share CPUs 1",
+            id="overlapping-cpu-budget",
+        ),
+        pytest.param(
+            {"farm_cpu_network_cores": "0", "farm_cpu_inference_cores": "1-63"},
+            "Assert the CPU budget fits the host",
+            "farm_cpu_inference_cores=1-63",
+            id="cpus-the-host-lacks",
+        ),
+        pytest.param(
+            {"farm_cpu_network_cores": "zero"},
+            "Expand the CPU budget",
+            "'zero'",
+            id="cpu-list-garbage",
+        ),
+        pytest.param(
+            {"farm_cpu_inference_cores": "1", "net_tuning_interfaces": ["pifarm-no-nic0"]},
+            "Assert the interfaces exist",
+            "net_tuning_interfaces names pifarm-no-nic0",
+            id="missing-interface",
+        ),
+        pytest.param(
+            {"farm_cpu_inference_cores": "1", "net_tuning_congestion_control": "pifarm-no-cc"},
+            "Assert the congestion control algorithm is available",
+            "net_tuning_congestion_control=pifarm-no-cc is not available",
+            id="congestion-control-unavailable",
+        ),
+    ],
+)
+def test_net_tuning_refuses_on_this_host_before_any_change(
+    tmp_path, ansible_env, extra_vars, failing_task, message
+):
+    """net_tuning in check mode on this machine: its checks read the real /sys and /proc."""
+    inventory = tmp_path / "hosts"
+    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "--check",
+            "-i",
+            str(inventory),
+            str(HERE / "playbooks" / "role.yml"),
+            "-e",
+            json.dumps({"role_under_test": "pifarm.inference.net_tuning", **extra_vars}),
+        ],
+        capture_output=True,
+        text=True,
+        env=ansible_env,
+        timeout=300,
+        check=False,
+    )
+    counts = recap(result, "localhost")
+    assert counts["failed"] == 1
+    assert counts["changed"] == 0
+    assert failing_task in first_failed_task(result)
     assert message in result.stdout
