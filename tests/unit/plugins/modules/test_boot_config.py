@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import stat
 from pathlib import Path
 
 import pytest
-from ansible.module_utils.testing import patch_module_args
 from ansible_collections.pifarm.inference.plugins.modules import boot_config
-from module_harness import ModuleExitError, ModuleFailError
+from module_harness import fail_module, run_module
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "config_txt"
 BOOKWORM = (FIXTURES / "bookworm-config.txt").read_bytes()
@@ -19,16 +19,9 @@ HAND_EDITED = (FIXTURES / "pi5-hand-edited-config.txt").read_bytes()
 OLD_MTIME_NS = 1_700_000_000_000_000_000
 
 
-def run(**args) -> dict:
-    with patch_module_args(args), pytest.raises(ModuleExitError) as result:
-        boot_config.main()
-    return result.value.args[0]
+run = functools.partial(run_module, boot_config)
 
-
-def fail(**args) -> dict:
-    with patch_module_args(args), pytest.raises(ModuleFailError) as result:
-        boot_config.main()
-    return result.value.args[0]
+fail = functools.partial(fail_module, boot_config)
 
 
 def added_and_removed(before: bytes, after: bytes) -> list[str]:

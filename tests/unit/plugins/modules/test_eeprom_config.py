@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from ansible.module_utils import basic
-from ansible.module_utils.testing import patch_module_args
 from ansible_collections.pifarm.inference.plugins.modules import eeprom_config
-from module_harness import ModuleExitError, ModuleFailError, no_bin_path
+from module_harness import ModuleExitError, ModuleFailError, module_result, no_bin_path
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "pi5" / "eeprom"
 DEFAULT = (FIXTURES / "rpi-eeprom-config-default.txt").read_text()
@@ -63,9 +62,7 @@ def run(stand_in: StandIn | None, module_tmp: str, expect=ModuleExitError, **arg
     if stand_in is not None:
         args.setdefault("command", str(stand_in.path))
     args["_ansible_tmpdir"] = module_tmp
-    with patch_module_args(args), pytest.raises(expect) as raised:
-        eeprom_config.main()
-    return raised.value.args[0]
+    return module_result(eeprom_config, expect, args)
 
 
 def test_change_is_staged_with_apply(tmp_path, module_tmp):

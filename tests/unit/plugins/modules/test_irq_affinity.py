@@ -3,31 +3,24 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from ansible.module_utils.testing import patch_module_args
 from ansible_collections.pifarm.inference.plugins.module_utils import irq_affinity as irq_utils
 from ansible_collections.pifarm.inference.plugins.modules import irq_affinity
-from module_harness import ModuleExitError, ModuleFailError
+from module_harness import fail_module, run_module
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "net"
 # A fixed, old modification time: a write would move it.
 OLD_MTIME_NS = 1_700_000_000_000_000_000
 
 
-def run(**args) -> dict:
-    with patch_module_args(args), pytest.raises(ModuleExitError) as result:
-        irq_affinity.main()
-    return result.value.args[0]
+run = functools.partial(run_module, irq_affinity)
 
-
-def fail(**args) -> dict:
-    with patch_module_args(args), pytest.raises(ModuleFailError) as result:
-        irq_affinity.main()
-    return result.value.args[0]
+fail = functools.partial(fail_module, irq_affinity)
 
 
 def copy_tree(tmp_path: Path, name: str) -> Path:

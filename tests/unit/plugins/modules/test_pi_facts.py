@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 from ansible.module_utils import basic
-from ansible.module_utils.testing import patch_module_args
 from ansible_collections.pifarm.inference.plugins.modules import pi_facts
-from module_harness import ModuleExitError, no_bin_path
+from module_harness import no_bin_path, run_module
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "pi5"
 
 
-def run(**args) -> dict:
-    with patch_module_args(args), pytest.raises(ModuleExitError) as exited:
-        pi_facts.main()
-    return exited.value.args[0]
+run = functools.partial(run_module, pi_facts)
 
 
 def stand_in_vcgencmd(tmp_path: Path, throttled: str, bootloader: str, rc: int = 0) -> tuple[str, Path]:
