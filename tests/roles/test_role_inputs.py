@@ -232,13 +232,15 @@ def test_npu_stops_before_installing_anything(tmp_path, ansible_env, extra_vars,
     """The npu role on this (Debian, non-Pi) machine, reading a recorded Pi 5 with an AI HAT+ 2.
 
     Everything up to the refusal only reads (facts, dpkg, apt-cache policy), so it
-    runs for real on the test host over a local connection.
+    runs for real on the test host over a local connection; --check guarantees a
+    host that does have Raspberry Pi's repository gets nothing installed either.
     """
     inventory = tmp_path / "hosts"
     inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
     result = subprocess.run(
         [
             "ansible-playbook",
+            "--check",
             "-i",
             str(inventory),
             str(HERE / "playbooks" / "role.yml"),
