@@ -1,24 +1,470 @@
-"""Command line entry point ``pifarm-agent``."""
+"""Command line entry point ``pifarm-agent``.
+
+``pifarm-agent model publish|sync|verify|activate|rollback|list|gc`` manages the
+model store and this node's model cache. Output is for people by default and one
+JSON object on stdout with ``--json``. Exit codes:
+
+* 0  nothing to do / done without change (also: store unreachable, cached model served)
+* 1  failed (the active model is unchanged)
+* 2  changed (something was published, activated, rolled back or removed)
+* 64 usage error (bad flags or arguments)
+
+Configuration comes from ``/etc/pifarm/agent.json`` (or ``--config``; a missing
+default file is fine, a missing explicit one is not), then flags override it. The
+store credentials come only from the file or the environment variables
+PIFARM_S3_ACCESS_KEY / PIFARM_S3_SECRET_KEY, never from flags (a process list
+shows flags), and are never printed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, NoReturn
 
 from pifarm_agent import __version__
+from pifarm_agent.cache import DEFAULT_KEEP, ModelCache, SyncResult
+from pifarm_agent.manifest import FORMATS, Manifest, utc_now
+from pifarm_agent.progress import MB
+from pifarm_agent.signing import load_public_key, load_secret_key, sign_manifest, verify_manifest
+from pifarm_agent.store import DEFAULT_PART_SIZE, ModelStore, StoreConfig, parse_endpoint
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CHANGED = 2
+EXIT_USAGE = 64
+DEFAULT_CONFIG = "/etc/pifarm/agent.json"
+DEFAULT_CACHE_ROOT = "/var/lib/pifarm"
+ACCESS_KEY_ENV = "PIFARM_S3_ACCESS_KEY"
+SECRET_KEY_ENV = "PIFARM_S3_SECRET_KEY"
+PASSWORD_ENV = "PIFARM_MINISIGN_PASSWORD"
+
+
+class ConfigError(Exception):
+    """The configuration file or flags are incomplete or malformed."""
+
+
+@dataclass
+class AgentConfig:
+    endpoint: str | None = None
+    bucket: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    secure: bool = True
+    ca_bundle: str | None = None
+    region: str | None = None
+    public_key: str | None = None
+    cache_root: str = DEFAULT_CACHE_ROOT
+    keep: int = DEFAULT_KEEP
+    reserve_mb: int = 100
+
+    def __repr__(self) -> str:
+        shown = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("access_key", "secret_key")
+        }
+        return f"AgentConfig({shown})"
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.access_key, self.secret_key) if s)
+
+    def store_config(self) -> StoreConfig:
+        missing = [
+            name for name in ("endpoint", "bucket", "access_key", "secret_key") if not getattr(self, name)
+        ]
+        if missing:
+            raise ConfigError(
+                f"store settings missing: {', '.join(missing)} (set them in {DEFAULT_CONFIG}; "
+                f"credentials may also come from {ACCESS_KEY_ENV} and {SECRET_KEY_ENV})"
+            )
+        endpoint, scheme_secure = parse_endpoint(self.endpoint)
+        return StoreConfig(
+            endpoint=endpoint,
+            bucket=self.bucket,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            secure=self.secure if scheme_secure is None else scheme_secure,
+            ca_bundle=self.ca_bundle,
+            region=self.region,
+        )
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "secure": (bool,),
+    "keep": (int,),
+    "reserve_mb": (int,),
+}
+
+
+def load_config(path: str | None) -> AgentConfig:
+    """Read the JSON config; unknown keys and wrong types are errors naming the key."""
+    explicit = path is not None
+    path = path or os.environ.get("PIFARM_AGENT_CONFIG") or DEFAULT_CONFIG
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path}: not found") from None
+        raw = "{}"
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must hold a JSON object")
+    known = {f.name for f in fields(AgentConfig)}
+    config = AgentConfig()
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        types = _TYPES.get(key, (str,))
+        if value is not None and (
+            not isinstance(value, types) or (bool not in types and isinstance(value, bool))
+        ):
+            raise ConfigError(f"config file {path}: key {key!r} must be {types[0].__name__}")
+        setattr(config, key, value)
+    config.access_key = os.environ.get(ACCESS_KEY_ENV) or config.access_key
+    config.secret_key = os.environ.get(SECRET_KEY_ENV) or config.secret_key
+    return config
+
+
+def apply_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
+    for name in ("endpoint", "bucket", "secure", "ca_bundle", "region", "public_key", "cache_root", "keep"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    if getattr(args, "reserve_mb", None) is not None:
+        config.reserve_mb = args.reserve_mb
+    if config.keep < 1:
+        raise ConfigError(f"keep must be at least 1, got {config.keep}")
+    return config
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    group = common.add_argument_group("configuration (flags override the config file)")
+    group.add_argument(
+        "--config", help=f"JSON config file (default {DEFAULT_CONFIG}, or $PIFARM_AGENT_CONFIG)"
+    )
+    group.add_argument("--endpoint", help="store endpoint, host:port or http(s)://host:port")
+    group.add_argument("--bucket", help="store bucket")
+    group.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None, help="use HTTPS")
+    group.add_argument("--ca-bundle", help="CA bundle that signs the store's certificate")
+    group.add_argument("--region", help="store region (S3)")
+    group.add_argument("--public-key", help="minisign public key trusted for model manifests")
+    group.add_argument(
+        "--cache-root", help=f"cache root; models live in <root>/models (default {DEFAULT_CACHE_ROOT})"
+    )
+    group.add_argument("--reserve-mb", type=int, help="free space (MB) a download must leave (default 100)")
+    group.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pifarm-agent", description=__doc__)
+    parser = _Parser(prog="pifarm-agent", description="pifarm node agent")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    top = parser.add_subparsers(dest="area", metavar="AREA", parser_class=_Parser)
+    model = top.add_parser("model", help="model store and cache")
+    commands = model.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    common = _common()
+
+    publish = commands.add_parser("publish", parents=[common], help="sign and upload a model to the store")
+    publish.add_argument("file", help="the model file")
+    publish.add_argument("--name", required=True)
+    publish.add_argument("--version", dest="model_version", required=True, help="MAJOR.MINOR.PATCH")
+    publish.add_argument("--format", choices=FORMATS, default="gguf")
+    publish.add_argument("--quantization", required=True, help="e.g. Q4_K_M")
+    publish.add_argument("--context-length", type=int, required=True)
+    publish.add_argument("--memory-required-mb", type=int, required=True)
+    publish.add_argument("--npu-required", action="store_true")
+    publish.add_argument("--created", help="RFC 3339 UTC time (default: now)")
+    publish.add_argument(
+        "--secret-key", required=True, help=f"minisign secret key (password in ${PASSWORD_ENV})"
+    )
+    publish.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_SIZE // (1024 * 1024))
+
+    sync = commands.add_parser("sync", parents=[common], help="fetch, verify and activate a model")
+    sync.add_argument("name")
+    sync.add_argument("--version", dest="model_version", help="a version (default: the newest in the store)")
+    sync.add_argument("--allow-downgrade", action="store_true", help="accept a version older than the active")
+
+    verify = commands.add_parser("verify", parents=[common], help="re-check cached models fully")
+    verify.add_argument("name")
+    verify.add_argument("--all", action="store_true", help="every cached version, not only current")
+
+    activate = commands.add_parser("activate", parents=[common], help="make a cached version current")
+    activate.add_argument("name")
+    activate.add_argument("ref", help="version or sha256 (prefix of 8+)")
+    activate.add_argument("--allow-downgrade", action="store_true")
+
+    rollback = commands.add_parser("rollback", parents=[common], help="swap current and previous")
+    rollback.add_argument("name")
+
+    listing = commands.add_parser(
+        "list", parents=[common], help="cached (or, with --remote, published) models"
+    )
+    listing.add_argument("name", nargs="?")
+    listing.add_argument("--remote", action="store_true", help="list the store instead of the cache")
+
+    gc = commands.add_parser("gc", parents=[common], help="remove old cached versions")
+    gc.add_argument("name", nargs="?", help="one model (default: all)")
+    gc.add_argument(
+        "--keep", type=int, help=f"versions kept, current and previous always (default {DEFAULT_KEEP})"
+    )
     return parser
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _cache(config: AgentConfig, *, need_key: bool = True) -> ModelCache:
+    if need_key and not config.public_key:
+        raise ConfigError("public_key is not set (config file or --public-key)")
+    public_key = load_public_key(config.public_key) if need_key else None
+    return ModelCache(config.cache_root, public_key, reserve_bytes=config.reserve_mb * MB)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cmd_publish(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"model file {path}: not a file")
+    manifest = Manifest(
+        name=args.name,
+        version=args.model_version,
+        format=args.format,
+        quantization=args.quantization,
+        size=path.stat().st_size,
+        sha256=_sha256(path),
+        context_length=args.context_length,
+        memory_required_mb=args.memory_required_mb,
+        npu_required=args.npu_required or args.format == "hef",
+        created=args.created or utc_now(),
+    )
+    manifest_bytes = manifest.to_json()
+    secret_key = load_secret_key(args.secret_key, os.environ.get(PASSWORD_ENV))
+    try:
+        signature_bytes = sign_manifest(manifest_bytes, secret_key)
+    finally:
+        secret_key.wipe()
+    if config.public_key:
+        # Catch a key mismatch here rather than on every node.
+        verify_manifest(manifest_bytes, signature_bytes, load_public_key(config.public_key))
+    store = ModelStore(config.store_config())
+    result = store.publish(path, manifest_bytes, signature_bytes, part_size=args.part_size_mb * 1024 * 1024)
+    verb = "published" if result.changed else "already published"
+    payload = {
+        "status": result.status,
+        "changed": result.changed,
+        "message": f"model {manifest.name} {manifest.version} ({manifest.sha256[:12]}) {verb}",
+        "manifest": result.manifest.to_dict(),
+        "keys": list(result.keys),
+    }
+    return (EXIT_CHANGED if result.changed else EXIT_OK), payload
+
+
+def sync_payload(result: SyncResult) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "status": result.status,
+        "changed": result.changed,
+        "message": result.message,
+        "name": result.name,
+        "version": result.version,
+        "sha256": result.sha256,
+        "current": result.current.to_dict() if result.current else None,
+        "previous": result.previous.to_dict() if result.previous else None,
+        "bytes_fetched": result.bytes_fetched,
+        "resumed_from": result.resumed_from,
+        "seconds": round(result.seconds, 3),
+    }
+    payload.update(result.extra)
+    return payload
+
+
+def cmd_sync(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    cache = _cache(config)
+    store = ModelStore(config.store_config())
+    result = cache.sync(store, args.name, args.model_version, allow_downgrade=args.allow_downgrade)
+    return (EXIT_CHANGED if result.changed else EXIT_OK), sync_payload(result)
+
+
+def cmd_verify(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    cache = _cache(config)
+    current = cache.current(args.name)
+    targets = cache.entries(args.name) if args.all else [current] if current else []
+    if not targets:
+        raise ConfigError(f"model {args.name}: nothing cached to verify in {cache.model_dir(args.name)}")
+    verified, failures = [], []
+    for entry in targets:
+        try:
+            cache.verify_entry(entry)
+            verified.append(entry.to_dict())
+        except Exception as exc:
+            failures.append({"sha256": entry.sha256, "version": entry.version, "error": str(exc)})
+    ok = not failures
+    message = f"model {args.name}: {len(verified)} verified" + (
+        f", {len(failures)} FAILED" if failures else ""
+    )
+    for failure in failures:
+        message += f"\n  {failure['version']} {failure['sha256'][:12]}: {failure['error']}"
+    payload = {
+        "status": "verified" if ok else "failed",
+        "changed": False,
+        "message": message,
+        "verified": verified,
+        "failures": failures,
+    }
+    return (EXIT_OK if ok else EXIT_FAILED), payload
+
+
+def cmd_activate(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    cache = _cache(config)
+    changed, entry = cache.activate(args.name, args.ref, allow_downgrade=args.allow_downgrade)
+    verb = "activated" if changed else "already active"
+    return (EXIT_CHANGED if changed else EXIT_OK), {
+        "status": "changed" if changed else "unchanged",
+        "changed": changed,
+        "message": f"model {args.name} {entry.version} ({entry.sha256[:12]}) {verb}",
+        "current": entry.to_dict(),
+        "previous": _dict(cache.previous(args.name)),
+    }
+
+
+def cmd_rollback(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    cache = _cache(config)
+    entry = cache.rollback(args.name)
+    return EXIT_CHANGED, {
+        "status": "changed",
+        "changed": True,
+        "message": f"model {args.name} rolled back to {entry.version} ({entry.sha256[:12]})",
+        "current": entry.to_dict(),
+        "previous": _dict(cache.previous(args.name)),
+    }
+
+
+def _dict(entry: Any) -> dict[str, Any] | None:
+    return entry.to_dict() if entry is not None else None
+
+
+def cmd_list(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    if args.remote:
+        store = ModelStore(config.store_config())
+        names = [args.name] if args.name else store.list_names()
+        models = {name: store.list_versions(name) for name in names}
+        lines = [f"{name}: {', '.join(versions) or '(none)'}" for name, versions in models.items()]
+        return EXIT_OK, {"status": "ok", "changed": False, "message": "\n".join(lines), "store": models}
+    cache = _cache(config, need_key=False)
+    names = [args.name] if args.name else cache.names()
+    models: dict[str, Any] = {}
+    lines = []
+    for name in names:
+        current, previous = cache.current(name), cache.previous(name)
+        rows = []
+        lines.append(name)
+        for entry in cache.entries(name):
+            role = "current" if current and entry.sha256 == current.sha256 else None
+            role = role or ("previous" if previous and entry.sha256 == previous.sha256 else None)
+            rows.append({**entry.to_dict(), "role": role})
+            marker = "*" if role == "current" else " "
+            size = f"{entry.manifest.size / MB:8.1f} MB"
+            lines.append(f"  {marker} {entry.version:<10} {entry.sha256[:12]}  {size}  {role or ''}".rstrip())
+        partials = [{"path": str(p), "bytes": p.stat().st_size} for p in cache.partials(name)]
+        lines.extend(f"    partial {p['path']} ({p['bytes'] / MB:.1f} MB)" for p in partials)
+        models[name] = {"entries": rows, "partials": partials}
+    return EXIT_OK, {"status": "ok", "changed": False, "message": "\n".join(lines), "cache": models}
+
+
+def cmd_gc(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    cache = _cache(config, need_key=False)
+    names = [args.name] if args.name else cache.names()
+    removed = {name: [entry.to_dict() for entry in cache.gc(name, config.keep)] for name in names}
+    count = sum(len(entries) for entries in removed.values())
+    lines = [
+        f"removed {name} {e['version']} ({e['sha256'][:12]})" for name, es in removed.items() for e in es
+    ]
+    payload = {
+        "status": "changed" if count else "unchanged",
+        "changed": bool(count),
+        "message": "\n".join(lines) or f"nothing to remove (keep {config.keep})",
+        "removed": removed,
+    }
+    return (EXIT_CHANGED if count else EXIT_OK), payload
+
+
+COMMANDS = {
+    "publish": cmd_publish,
+    "sync": cmd_sync,
+    "verify": cmd_verify,
+    "activate": cmd_activate,
+    "rollback": cmd_rollback,
+    "list": cmd_list,
+    "gc": cmd_gc,
+}
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _emit(args: argparse.Namespace, code: int, payload: dict[str, Any], secrets: tuple[str, ...]) -> None:
+    payload = {"command": args.command, **payload}
+    if args.json:
+        print(_redact(json.dumps(payload, sort_keys=True), secrets))
+        return
+    stream = sys.stderr if code == EXIT_FAILED else sys.stdout
+    prefix = f"pifarm-agent model {args.command}: error: " if code == EXIT_FAILED else ""
+    print(_redact(prefix + payload["message"], secrets), file=stream)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = parser.parse_args(argv)
+    if args.area is None:
+        parser.print_help()
+        return EXIT_OK
+    secrets: tuple[str, ...] = ()
+    try:
+        config = apply_flags(load_config(args.config), args)
+        secrets = config.secrets()
+        code, payload = COMMANDS[args.command](config, args)
+    except Exception as exc:
+        # Every failure is reported, never a traceback with what the frames held.
+        code, payload = EXIT_FAILED, _failure(exc)
+    _emit(args, code, payload, secrets)
+    return code
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "changed": False,
+        "message": str(exc),
+        "error": {"type": type(exc).__name__, "message": str(exc)},
+    }
 
 
 if __name__ == "__main__":

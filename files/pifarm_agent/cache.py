@@ -1,0 +1,606 @@
+"""The node's model cache: content-addressed, verify-then-activate, with rollback and GC.
+
+Layout under ``cache_root`` (``/var/lib/pifarm`` by default, so the models live in
+the farm's ``/var/lib/pifarm/models``)::
+
+    models/<name>/<sha256>/model.gguf                verified entries, never modified
+    models/<name>/<sha256>/manifest.json             the signed manifest, as published
+    models/<name>/<sha256>/manifest.json.minisig     its signature
+    models/<name>/<sha256>.partial                   a download in progress (resumable)
+    models/<name>/current -> <sha256>                what the inference server loads
+    models/<name>/previous -> <sha256>               the version before, for instant rollback
+    models/<name>/.lock                              serialises sync/activate/rollback/gc
+
+A download goes to ``<sha256>.partial``; an interrupted one resumes with a ranged
+request after hashing the bytes already there. Only a file whose size, SHA-256 and
+signed manifest all verify is moved into its entry (``os.replace``), and only then
+is ``current`` switched, by renaming a fresh symlink over it.
+
+Version policy: ``sync`` and ``activate`` refuse a version older than the active
+one, and the active version with a different SHA-256 (versions are immutable),
+unless ``allow_downgrade`` is set; ``rollback`` is the explicit way back.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import minisign
+
+from pifarm_agent.manifest import NAME_RE, SHA256_RE, Manifest, ManifestError, parse_version
+from pifarm_agent.progress import Progress
+from pifarm_agent.signing import SignatureError, verify_manifest
+from pifarm_agent.store import MANIFEST, SIGNATURE, StoreUnreachableError
+
+CHUNK = 1024 * 1024
+DEFAULT_RESERVE = 100 * 1_000_000
+DEFAULT_KEEP = 3
+CURRENT = "current"
+PREVIOUS = "previous"
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_RE = re.compile(r"([0-9a-f]{64})\.partial")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CacheError(Exception):
+    """The cache cannot do what was asked; the active model is unchanged."""
+
+
+class IntegrityError(CacheError):
+    """Downloaded or cached bytes do not match the signed manifest."""
+
+
+class InsufficientSpaceError(CacheError):
+    """Not enough free space for a download (checked before writing, or the disk filled up)."""
+
+
+class VersionPolicyError(CacheError):
+    """A version older than the active one, or a replayed/moved manifest."""
+
+
+class NotCachedError(CacheError):
+    """The requested version is not in the cache."""
+
+
+class ModelSource(Protocol):
+    """Where models come from: the store (pifarm_agent.store.ModelStore) or a test double."""
+
+    def latest_version(self, name: str) -> str: ...
+
+    def fetch_signed_manifest(self, name: str, version: str) -> tuple[bytes, bytes]: ...
+
+    def open_model(
+        self, name: str, version: str, filename: str, offset: int = 0
+    ) -> AbstractContextManager[Iterator[bytes]]: ...
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One verified model in the cache."""
+
+    name: str
+    sha256: str
+    path: Path
+    manifest: Manifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_filename
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "size": self.manifest.size,
+            "format": self.manifest.format,
+            "path": str(self.model_path),
+        }
+
+
+@dataclass
+class SyncResult:
+    """What a sync did. ``status`` is one of STATUSES."""
+
+    status: str
+    name: str
+    message: str
+    current: Entry | None = None
+    previous: Entry | None = None
+    version: str | None = None
+    sha256: str | None = None
+    bytes_fetched: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    STATUSES = ("changed", "unchanged", "served-from-cache")
+
+    @property
+    def changed(self) -> bool:
+        return self.status == "changed"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+        raise CacheError(f"model name {name!r:.80} is not [a-z0-9][a-z0-9._-]{{0,63}}")
+
+
+class ModelCache:
+    def __init__(
+        self,
+        root: str | Path,
+        public_key: minisign.PublicKey,
+        *,
+        reserve_bytes: int = DEFAULT_RESERVE,
+        progress_stream: TextIO | None = None,
+        progress_interval: float = 5.0,
+    ) -> None:
+        self.root = Path(root)
+        self.public_key = public_key
+        self.reserve_bytes = reserve_bytes
+        self.progress_stream = progress_stream
+        self.progress_interval = progress_interval
+
+    # -- layout ----------------------------------------------------------------------
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def model_dir(self, name: str) -> Path:
+        _check_name(name)
+        return self.models_dir / name
+
+    def partial_path(self, name: str, sha256: str) -> Path:
+        return self.model_dir(name) / f"{sha256}{PARTIAL_SUFFIX}"
+
+    def names(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
+
+    def partials(self, name: str) -> list[Path]:
+        directory = self.model_dir(name)
+        if not directory.is_dir():
+            return []
+        return sorted(p for p in directory.iterdir() if PARTIAL_RE.fullmatch(p.name))
+
+    def entry(self, name: str, sha256: str) -> Entry | None:
+        """The entry for ``sha256``, or None when absent or its manifest is unreadable."""
+        path = self.model_dir(name) / sha256
+        if SHA256_RE.fullmatch(sha256) is None or path.is_symlink() or not path.is_dir():
+            return None
+        try:
+            manifest = Manifest.from_json((path / MANIFEST).read_bytes())
+        except (OSError, ManifestError):
+            return None
+        return Entry(name, sha256, path, manifest)
+
+    def entries(self, name: str) -> list[Entry]:
+        """Entries of ``name``, newest version first."""
+        directory = self.model_dir(name)
+        if not directory.is_dir():
+            return []
+        found = [self.entry(name, p.name) for p in directory.iterdir() if SHA256_RE.fullmatch(p.name)]
+        return sorted((e for e in found if e is not None), key=lambda e: e.manifest.version_key, reverse=True)
+
+    def _link_target(self, name: str, link: str) -> str | None:
+        path = self.model_dir(name) / link
+        if not path.is_symlink():
+            return None
+        target = os.readlink(path)
+        return target if SHA256_RE.fullmatch(target) else None
+
+    def current(self, name: str) -> Entry | None:
+        sha = self._link_target(name, CURRENT)
+        return self.entry(name, sha) if sha else None
+
+    def previous(self, name: str) -> Entry | None:
+        sha = self._link_target(name, PREVIOUS)
+        return self.entry(name, sha) if sha else None
+
+    def find(self, name: str, ref: str) -> Entry:
+        """An entry by version (``1.2.0``) or SHA-256 (full or a unique prefix of 8+)."""
+        for entry in self.entries(name):
+            if ref in (entry.version, entry.sha256) or (len(ref) >= 8 and entry.sha256.startswith(ref)):
+                return entry
+        raise NotCachedError(f"model {name} {ref} is not in the cache {self.model_dir(name)}")
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        directory = self.model_dir(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / ".lock").open("a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    # -- verification ----------------------------------------------------------------
+
+    def _verify_signed(self, path: Path) -> Manifest:
+        try:
+            manifest_bytes = (path / MANIFEST).read_bytes()
+            signature_bytes = (path / SIGNATURE).read_bytes()
+        except OSError as exc:
+            raise IntegrityError(f"cache entry {path}: {exc.strerror or exc}") from None
+        try:
+            manifest = verify_manifest(manifest_bytes, signature_bytes, self.public_key)
+        except (SignatureError, ManifestError) as exc:
+            raise IntegrityError(f"cache entry {path}: {exc}") from None
+        if manifest.sha256 != path.name:
+            raise IntegrityError(
+                f"cache entry {path}: directory name differs from manifest sha256 {manifest.sha256}"
+            )
+        return manifest
+
+    def _verify_size(self, path: Path, manifest: Manifest) -> Path:
+        model = path / manifest.model_filename
+        try:
+            size = model.stat().st_size
+        except OSError as exc:
+            raise IntegrityError(f"cache entry {path}: {exc.strerror or exc}") from None
+        if size != manifest.size:
+            raise IntegrityError(
+                f"cache entry {path}: size mismatch: file has {size} bytes, manifest says {manifest.size}"
+            )
+        return model
+
+    def verify_entry(self, entry: Entry, *, full: bool = True) -> Manifest:
+        """Signature, trusted comment, size and (when ``full``) the SHA-256 of the model file."""
+        manifest = self._verify_signed(entry.path)
+        model = self._verify_size(entry.path, manifest)
+        if full:
+            digest = hashlib.sha256()
+            with model.open("rb") as handle:
+                while block := handle.read(CHUNK):
+                    digest.update(block)
+            if digest.hexdigest() != manifest.sha256:
+                raise IntegrityError(
+                    f"cache entry {entry.path}: sha256 mismatch: file has {digest.hexdigest()}, "
+                    f"manifest says {manifest.sha256}"
+                )
+        return manifest
+
+    # -- activation ------------------------------------------------------------------
+
+    def _point(self, name: str, link: str, sha256: str) -> None:
+        """Atomically make ``link`` point at ``sha256``: a temp symlink renamed over it."""
+        directory = self.model_dir(name)
+        temp = directory / f".{link}.{os.getpid()}.tmp"
+        temp.unlink(missing_ok=True)
+        os.symlink(sha256, temp)
+        os.replace(temp, directory / link)
+        _fsync_dir(directory)
+
+    @staticmethod
+    def _check_policy(active: Entry | None, candidate: Manifest, allow_downgrade: bool) -> None:
+        if active is None or allow_downgrade or active.sha256 == candidate.sha256:
+            return
+        if candidate.version_key < active.manifest.version_key:
+            raise VersionPolicyError(
+                f"refusing {candidate.name} {candidate.version}: older than the active version "
+                f"{active.version} (roll back explicitly, or allow a downgrade)"
+            )
+        if candidate.version_key == active.manifest.version_key:
+            raise VersionPolicyError(
+                f"refusing {candidate.name} {candidate.version}: the active {active.version} has sha256 "
+                f"{active.sha256}, this one {candidate.sha256}; a version's content never changes"
+            )
+
+    def _activate_locked(self, name: str, entry: Entry, allow_downgrade: bool) -> bool:
+        self.verify_entry(entry, full=False)
+        active = self.current(name)
+        if active is not None and active.sha256 == entry.sha256:
+            return False
+        self._check_policy(active, entry.manifest, allow_downgrade)
+        if active is not None:
+            self._point(name, PREVIOUS, active.sha256)
+        self._point(name, CURRENT, entry.sha256)
+        return True
+
+    def activate(self, name: str, ref: str, *, allow_downgrade: bool = False) -> tuple[bool, Entry]:
+        """Make a cached version current (its signature and size are re-checked first)."""
+        with self._locked(name):
+            entry = self.find(name, ref)
+            return self._activate_locked(name, entry, allow_downgrade), entry
+
+    def rollback(self, name: str) -> Entry:
+        """Swap ``current`` and ``previous``; the rolled-back-from version becomes ``previous``."""
+        with self._locked(name):
+            previous, active = self.previous(name), self.current(name)
+            if previous is None:
+                raise CacheError(f"model {name}: no previous version to roll back to")
+            self.verify_entry(previous, full=False)
+            self._point(name, CURRENT, previous.sha256)
+            if active is not None:
+                self._point(name, PREVIOUS, active.sha256)
+            return previous
+
+    # -- garbage collection ----------------------------------------------------------
+
+    def gc(self, name: str, keep: int = DEFAULT_KEEP) -> list[Entry]:
+        """Remove all but the ``keep`` newest versions; ``current`` and ``previous`` always stay.
+
+        Left-over temporary directories are removed too; partial downloads stay (resumable).
+        """
+        if keep < 1:
+            raise CacheError(f"keep must be at least 1, got {keep}")
+        with self._locked(name):
+            directory = self.model_dir(name)
+            protected = {self._link_target(name, CURRENT), self._link_target(name, PREVIOUS)} - {None}
+            retained = set(protected)
+            removed = []
+            for entry in self.entries(name):
+                if entry.sha256 in retained:
+                    continue
+                if len(retained) < keep:
+                    retained.add(entry.sha256)
+                    continue
+                removed.append(entry)
+            for entry in removed:
+                self._remove_dir(entry.path)
+            for leftover in directory.glob(".*.tmp"):
+                self._remove_dir(leftover)
+            return removed
+
+    @staticmethod
+    def _remove_dir(path: Path) -> None:
+        """Rename an entry first, so a half-removed directory never looks like an entry."""
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+            return
+        if not path.name.startswith("."):
+            trash = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            os.replace(path, trash)
+            path = trash
+        shutil.rmtree(path)
+
+    # -- download --------------------------------------------------------------------
+
+    def _check_space(self, name: str, manifest: Manifest, have: int) -> None:
+        needed = manifest.size - have
+        free = shutil.disk_usage(self.model_dir(name)).free
+        if free < needed + self.reserve_bytes:
+            raise InsufficientSpaceError(
+                f"refusing to download {manifest.name} {manifest.version}: needs {needed} bytes "
+                f"plus a reserve of {self.reserve_bytes}, {free} bytes free in {self.models_dir}"
+            )
+
+    @staticmethod
+    def _hash_existing(path: Path, digest: Any) -> int:
+        have = 0
+        with path.open("rb") as handle:
+            while block := handle.read(CHUNK):
+                digest.update(block)
+                have += len(block)
+        return have
+
+    @staticmethod
+    def _append(
+        chunks: Iterator[bytes], out: Any, digest: Any, progress: Progress, manifest: Manifest
+    ) -> None:
+        label = f"{manifest.name} {manifest.version}"
+        try:
+            for chunk in chunks:
+                if progress.done + len(chunk) > manifest.size:
+                    raise IntegrityError(
+                        f"{label}: size mismatch: the store sends more than the {manifest.size} bytes "
+                        "the manifest says"
+                    )
+                out.write(chunk)
+                digest.update(chunk)
+                progress.update(len(chunk))
+        finally:
+            # What arrived stays on disk for the next attempt to resume from.
+            out.flush()
+            os.fsync(out.fileno())
+
+    @staticmethod
+    def _check_download(digest: Any, progress: Progress, manifest: Manifest) -> None:
+        label = f"{manifest.name} {manifest.version}"
+        if progress.done != manifest.size:
+            raise IntegrityError(
+                f"{label}: size mismatch: the store sent {progress.done} bytes, "
+                f"the manifest says {manifest.size}"
+            )
+        if digest.hexdigest() != manifest.sha256:
+            raise IntegrityError(
+                f"{label}: sha256 mismatch: downloaded {digest.hexdigest()}, "
+                f"the signed manifest says {manifest.sha256}"
+            )
+
+    def _fetch(self, source: ModelSource, manifest: Manifest, partial: Path) -> tuple[int, int]:
+        """Bring ``partial`` to the full, verified file; returns (resumed_from, bytes_fetched)."""
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > manifest.size:
+            partial.unlink()
+            have = 0
+        self._check_space(manifest.name, manifest, have)
+        digest = hashlib.sha256()
+        if have:
+            have = self._hash_existing(partial, digest)
+        progress = Progress(
+            f"model {manifest.name} {manifest.version}",
+            manifest.size,
+            have,
+            interval=self.progress_interval,
+            stream=self.progress_stream,
+        )
+        filename = manifest.model_filename
+        try:
+            if have < manifest.size:
+                with (
+                    partial.open("ab") as out,
+                    source.open_model(manifest.name, manifest.version, filename, have) as chunks,
+                ):
+                    self._append(chunks, out, digest, progress, manifest)
+            progress.finish()
+            self._check_download(digest, progress, manifest)
+        except IntegrityError:
+            # Bad bytes cannot become good by resuming: start over next time.
+            partial.unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise CacheError(f"write {partial}: {exc.strerror or exc}") from None
+            partial.unlink(missing_ok=True)
+            raise InsufficientSpaceError(
+                f"disk full while downloading {manifest.name} {manifest.version} into {partial}; "
+                "the partial download was removed"
+            ) from None
+        return have, progress.fetched
+
+    def _promote(
+        self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes, partial: Path
+    ) -> Entry:
+        """Move a verified download into its content-addressed entry."""
+        directory = self.model_dir(manifest.name)
+        temp = directory / f".{manifest.sha256}.{os.getpid()}.tmp"
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
+        try:
+            _write_file(temp / MANIFEST, manifest_bytes)
+            _write_file(temp / SIGNATURE, signature_bytes)
+            os.replace(partial, temp / manifest.model_filename)
+            _fsync_dir(temp)
+            os.replace(temp, directory / manifest.sha256)
+        except OSError as exc:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise CacheError(
+                f"store {manifest.name} {manifest.version} in {directory}: {exc.strerror or exc}"
+            ) from None
+        _fsync_dir(directory)
+        entry = self.entry(manifest.name, manifest.sha256)
+        if entry is None:
+            raise CacheError(f"cache entry {directory / manifest.sha256} unreadable right after writing it")
+        return entry
+
+    # -- sync ------------------------------------------------------------------------
+
+    def _cached_version(self, name: str, version: str) -> Entry | None:
+        return next((e for e in self.entries(name) if e.version == version), None)
+
+    def sync(
+        self,
+        source: ModelSource,
+        name: str,
+        version: str | None = None,
+        *,
+        allow_downgrade: bool = False,
+    ) -> SyncResult:
+        """Make ``version`` (default: the store's newest) of ``name`` current, verifying everything first.
+
+        When the store is unreachable and a model is active, it stays active and the
+        result says ``served-from-cache``. A requested version already in the cache is
+        activated without contacting the store.
+        """
+        started = time.monotonic()
+        if version is not None:
+            parse_version(version)
+        with self._locked(name):
+            active = self.current(name)
+            cached = self._cached_version(name, version) if version else None
+            if cached is not None:
+                changed = self._activate_locked(name, cached, allow_downgrade)
+                return self._result("changed" if changed else "unchanged", name, cached, started)
+            try:
+                if version is None:
+                    version = source.latest_version(name)
+                manifest_bytes, signature_bytes = source.fetch_signed_manifest(name, version)
+            except StoreUnreachableError as exc:
+                if active is None:
+                    raise
+                return self._served_from_cache(name, active, version, exc, started)
+            manifest = verify_manifest(manifest_bytes, signature_bytes, self.public_key)
+            if (manifest.name, manifest.version) != (name, version):
+                raise VersionPolicyError(
+                    f"refusing store entry {name} {version}: it holds the signed manifest of "
+                    f"{manifest.name} {manifest.version} (a moved or replayed artifact)"
+                )
+            if active is not None and active.sha256 == manifest.sha256:
+                return self._result("unchanged", name, active, started)
+            self._check_policy(active, manifest, allow_downgrade)
+            entry = self.entry(name, manifest.sha256)
+            resumed_from = fetched = 0
+            if entry is None:
+                partial = self.partial_path(name, manifest.sha256)
+                for stale in self.partials(name):
+                    if stale != partial:
+                        stale.unlink()
+                try:
+                    resumed_from, fetched = self._fetch(source, manifest, partial)
+                except StoreUnreachableError as exc:
+                    # Refused before a byte arrived; whatever an earlier attempt left stays for a resume.
+                    if active is None:
+                        raise
+                    return self._served_from_cache(name, active, version, exc, started)
+                entry = self._promote(manifest, manifest_bytes, signature_bytes, partial)
+            self._activate_locked(name, entry, allow_downgrade)
+            result = self._result("changed", name, entry, started)
+            result.bytes_fetched, result.resumed_from = fetched, resumed_from
+            return result
+
+    def _result(self, status: str, name: str, entry: Entry, started: float) -> SyncResult:
+        verb = {"changed": "activated", "unchanged": "already active"}[status]
+        return SyncResult(
+            status=status,
+            name=name,
+            message=f"model {name} {entry.version} ({entry.sha256[:12]}) {verb}",
+            current=self.current(name),
+            previous=self.previous(name),
+            version=entry.version,
+            sha256=entry.sha256,
+            seconds=time.monotonic() - started,
+        )
+
+    def _served_from_cache(
+        self, name: str, active: Entry, requested: str | None, exc: Exception, started: float
+    ) -> SyncResult:
+        return SyncResult(
+            status="served-from-cache",
+            name=name,
+            message=(
+                f"store unreachable, serving cached model {name} {active.version} "
+                f"({active.sha256[:12]}): {exc}"
+            ),
+            current=active,
+            previous=self.previous(name),
+            version=active.version,
+            sha256=active.sha256,
+            seconds=time.monotonic() - started,
+            extra={"requested_version": requested},
+        )

@@ -1,0 +1,303 @@
+"""The model store: an S3 bucket (MinIO in production) reached with the ``minio`` client.
+
+Layout of the bucket::
+
+    models/<name>/<version>/model.gguf            (model.hef for NPU models)
+    models/<name>/<version>/manifest.json
+    models/<name>/<version>/manifest.json.minisig
+
+``publish`` uploads the model first, then the signature, then the manifest: a
+version is listed only once its manifest exists, so readers never see a half
+published one. Versions are immutable: republishing a version with different
+content is refused.
+
+Errors are StoreError subclasses whose text names the operation and the object,
+never the credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
+from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
+
+from pifarm_agent.manifest import Manifest, ManifestError, parse_version
+
+PREFIX = "models"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.minisig"
+# Parts of 64 MiB: a 238 MB model goes up in 4 parts, a 4 GB one in 64.
+DEFAULT_PART_SIZE = 64 * 1024 * 1024
+CHUNK = 1024 * 1024
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+
+
+class StoreError(Exception):
+    """The store refused or failed an operation."""
+
+
+class StoreUnreachableError(StoreError):
+    """No connection to the store (refused, reset, timed out, DNS)."""
+
+
+class StoreNotFoundError(StoreError):
+    """The bucket, model or version does not exist in the store."""
+
+
+class TransferInterruptedError(StoreError):
+    """A download stopped part way; what arrived is kept for a resume."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    endpoint: str
+    bucket: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    secure: bool = True
+    ca_bundle: str | None = None
+    region: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    retries: int = 2
+
+
+def object_key(name: str, version: str, filename: str) -> str:
+    return f"{PREFIX}/{name}/{version}/{filename}"
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _ca_bundle(config: StoreConfig) -> str:
+    """The configured bundle, else SSL_CERT_FILE, else the system's (where node_base adds farm CAs)."""
+    for candidate in (config.ca_bundle, os.environ.get("SSL_CERT_FILE"), SYSTEM_CA_BUNDLE):
+        if candidate and (candidate is config.ca_bundle or Path(candidate).is_file()):
+            return candidate
+    return certifi.where()
+
+
+def _http_client(config: StoreConfig) -> urllib3.PoolManager:
+    """Short connect timeout and few retries: an unreachable store is reported in seconds."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout),
+        maxsize=4,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=_ca_bundle(config),
+        retries=urllib3.Retry(
+            total=config.retries, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504]
+        ),
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    status: str  # "published" or "unchanged"
+    manifest: Manifest
+    keys: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return self.status == "published"
+
+
+class ModelStore:
+    """Publish, list and fetch models in one bucket."""
+
+    def __init__(self, config: StoreConfig, client: Minio | None = None) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self.client = client or Minio(
+            config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=config.secure,
+            region=config.region,
+            http_client=_http_client(config),
+        )
+
+    # -- error mapping ---------------------------------------------------------------
+
+    def _error(self, action: str, exc: BaseException) -> StoreError:
+        where = f"{action} on {self.config.endpoint} bucket {self.bucket}"
+        secrets = (self.config.access_key, self.config.secret_key)
+        if isinstance(exc, S3Error):
+            text = f"{where}: {exc.code}: {exc.message}"
+            cls = StoreNotFoundError if exc.code in NOT_FOUND_CODES else StoreError
+            return cls(_redact(text, secrets))
+        if isinstance(exc, MaxRetryError | OSError) or (
+            isinstance(exc, Urllib3HTTPError) and not isinstance(exc, ProtocolError | ReadTimeoutError)
+        ):
+            reason = getattr(exc, "reason", None) or exc
+            return StoreUnreachableError(_redact(f"{where}: store unreachable: {reason}", secrets))
+        if isinstance(exc, ProtocolError | ReadTimeoutError):
+            return TransferInterruptedError(_redact(f"{where}: transfer interrupted: {exc}", secrets))
+        return StoreError(_redact(f"{where}: {type(exc).__name__}: {exc}", secrets))
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except StoreError:
+            raise
+        except (MinioException, Urllib3HTTPError, OSError, ValueError) as exc:
+            raise self._error(action, exc) from None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _read(self, key: str) -> bytes:
+        with self._errors(f"get {key}"):
+            response = self.client.get_object(self.bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def _keys(self, prefix: str) -> list[str]:
+        with self._errors(f"list {prefix}"):
+            return [obj.object_name for obj in self.client.list_objects(self.bucket, prefix, recursive=True)]
+
+    def list_names(self) -> list[str]:
+        names = {key.split("/")[1] for key in self._keys(f"{PREFIX}/") if key.count("/") == 3}
+        return sorted(names)
+
+    def list_versions(self, name: str) -> list[str]:
+        """Versions of ``name`` that have a manifest, oldest first."""
+        versions = []
+        for key in self._keys(f"{PREFIX}/{name}/"):
+            parts = key.split("/")
+            if len(parts) != 4 or parts[3] != MANIFEST:
+                continue
+            try:
+                versions.append((parse_version(parts[2]), parts[2]))
+            except ManifestError:
+                continue
+        return [version for _key, version in sorted(versions)]
+
+    def latest_version(self, name: str) -> str:
+        versions = self.list_versions(name)
+        if not versions:
+            raise StoreNotFoundError(
+                f"list {PREFIX}/{name}/ on {self.config.endpoint} bucket {self.bucket}: "
+                f"no published version of model {name}"
+            )
+        return versions[-1]
+
+    def fetch_signed_manifest(self, name: str, version: str) -> tuple[bytes, bytes]:
+        """The manifest bytes and their minisign signature, as published."""
+        manifest = self._read(object_key(name, version, MANIFEST))
+        signature = self._read(object_key(name, version, SIGNATURE))
+        return manifest, signature
+
+    @contextmanager
+    def open_model(
+        self, name: str, version: str, filename: str, offset: int = 0
+    ) -> Iterator[Iterator[bytes]]:
+        """Stream the model file from ``offset`` (an HTTP range request when > 0)."""
+        key = object_key(name, version, filename)
+        with self._errors(f"get {key} from byte {offset}"):
+            response = self.client.get_object(self.bucket, key, offset=offset)
+        try:
+            yield self._chunks(response, key, offset)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def _chunks(self, response: urllib3.BaseHTTPResponse, key: str, offset: int) -> Iterator[bytes]:
+        with self._errors(f"get {key} from byte {offset}"):
+            yield from response.stream(CHUNK)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def ensure_bucket(self) -> bool:
+        """Create the bucket when missing; True when it was created."""
+        with self._errors("create bucket"):
+            if self.client.bucket_exists(self.bucket):
+                return False
+            self.client.make_bucket(self.bucket)
+            return True
+
+    def publish(
+        self,
+        model_path: str | Path,
+        manifest_bytes: bytes,
+        signature_bytes: bytes,
+        *,
+        part_size: int = DEFAULT_PART_SIZE,
+    ) -> PublishResult:
+        """Upload model, signature and manifest; 'unchanged' when this exact version is already there."""
+        manifest = Manifest.from_json(manifest_bytes)
+        model_path = Path(model_path)
+        size = model_path.stat().st_size
+        if size != manifest.size:
+            raise StoreError(f"publish {model_path}: file has {size} bytes, manifest says {manifest.size}")
+        digest = _file_sha256(model_path)
+        if digest != manifest.sha256:
+            raise StoreError(f"publish {model_path}: file sha256 {digest}, manifest says {manifest.sha256}")
+        keys = tuple(
+            object_key(manifest.name, manifest.version, filename)
+            for filename in (manifest.model_filename, SIGNATURE, MANIFEST)
+        )
+        existing = self._existing_manifest(manifest.name, manifest.version)
+        if existing is not None:
+            if existing.sha256 == manifest.sha256:
+                return PublishResult("unchanged", existing, keys)
+            raise StoreError(
+                f"publish {manifest.name} {manifest.version}: this version already exists in bucket "
+                f"{self.bucket} with sha256 {existing.sha256}; versions are immutable, publish a new version"
+            )
+        model_key, signature_key, manifest_key = keys
+        with self._errors(f"put {model_key}"):
+            self.client.fput_object(
+                self.bucket, model_key, str(model_path), part_size=part_size, num_parallel_uploads=1
+            )
+        for key, data, content_type in (
+            (signature_key, signature_bytes, "text/plain"),
+            (manifest_key, manifest_bytes, "application/json"),
+        ):
+            with self._errors(f"put {key}"):
+                self.client.put_object(
+                    self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+                )
+        return PublishResult("published", manifest, keys)
+
+    def _existing_manifest(self, name: str, version: str) -> Manifest | None:
+        try:
+            raw = self._read(object_key(name, version, MANIFEST))
+        except StoreNotFoundError:
+            return None
+        return Manifest.from_json(raw)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, bool | None]:
+    """``https://host:9000`` -> (``host:9000``, True); a bare ``host:port`` -> (it, None)."""
+    match = re.fullmatch(r"(https?)://([^/]+)/?", endpoint)
+    if match:
+        return match.group(2), match.group(1) == "https"
+    return endpoint, None

@@ -1,0 +1,141 @@
+"""A moto S3 server in a subprocess and a TCP proxy that can cut a connection part way."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ACCESS_KEY = "pifarm-itest-access"
+SECRET_KEY = "pifarm-itest-secret-Zq7v0Xk2"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class MotoServer:
+    """moto's S3-compatible server (the stand-in for MinIO, which is not obtainable here)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.log = log_dir / f"moto-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> MotoServer:
+        env = dict(os.environ, MOTO_ALLOW_NONEXISTENT_REGION="true")
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:<port> to a target; counts the bytes sent back to clients and
+    can close every connection once ``cut_after`` of them have passed."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.downstream = 0
+        self.cut_after: int | None = None
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def reset_counter(self) -> None:
+        with self._lock:
+            self.downstream = 0
+
+    def close(self) -> None:
+        self._stopping = True
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopping:
+            try:
+                client, _address = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
+        sockets = [client, upstream]
+        try:
+            while True:
+                readable = select.select(sockets, [], [], 30)[0]
+                if not readable:
+                    return
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is upstream:
+                        if not self._pass_downstream(client, data):
+                            return
+                    else:
+                        upstream.sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    def _pass_downstream(self, client: socket.socket, data: bytes) -> bool:
+        with self._lock:
+            if self.cut_after is not None and self.downstream + len(data) > self.cut_after:
+                allowed = max(0, self.cut_after - self.downstream)
+                self.downstream += allowed
+                self.cut_after = None
+                self.cuts += 1
+                client.sendall(data[:allowed])
+                # An abortive close, as when a link or the server goes away.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                return False
+            self.downstream += len(data)
+        client.sendall(data)
+        return True
