@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import socket
@@ -11,8 +12,62 @@ import threading
 import time
 from pathlib import Path
 
+from pifarm_agent.manifest import Manifest
+from pifarm_agent.signing import sign_manifest
+from pifarm_agent.store import ModelStore, StoreConfig
+
 ACCESS_KEY = "pifarm-itest-access"
 SECRET_KEY = "pifarm-itest-secret-Zq7v0Xk2"
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+NAME = "gemma3-270m"
+BUCKET = "models"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_for(path: Path, version: str, sha256: str | None = None) -> Manifest:
+    return Manifest(
+        name=NAME,
+        version=version,
+        format="gguf",
+        quantization="Q4_K_M",
+        size=path.stat().st_size,
+        sha256=sha256 or sha256_file(path),
+        context_length=32768,
+        memory_required_mb=512,
+        npu_required=False,
+        created="2026-03-01T12:00:00Z",
+    )
+
+
+def store_config(endpoint: str, bucket: str = BUCKET) -> StoreConfig:
+    return StoreConfig(
+        endpoint=endpoint,
+        bucket=bucket,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        secure=False,
+        retries=1,
+    )
+
+
+def publish(store: ModelStore, path: Path, version: str, secret_key, sha256: str | None = None):
+    raw = manifest_for(path, version, sha256).to_json()
+    return store.publish(path, raw, sign_manifest(raw, secret_key), part_size=32 * 1024 * 1024)
+
+
+def figure(capsys, text: str) -> None:
+    """Measured figures go to the terminal even without -s."""
+    with capsys.disabled():
+        print(f"\n    [figures] {text}", end="")
 
 
 def free_port() -> int:

@@ -17,16 +17,19 @@ from pathlib import Path
 
 import minisign
 import pytest
-from conftest import (
+from integration_helpers import (
+    ACCESS_KEY,
     BUCKET,
     MODEL_SHA256,
     NAME,
+    SECRET_KEY,
+    CuttingProxy,
+    MotoServer,
     figure,
     manifest_for,
     publish,
     store_config,
 )
-from integration_helpers import ACCESS_KEY, SECRET_KEY, CuttingProxy, MotoServer
 from minio.commonconfig import CopySource
 
 from pifarm_agent import cache as cache_module
