@@ -15,23 +15,34 @@ HERE = Path(__file__).resolve().parent
 INVENTORY = "pifarm-no-such-host ansible_connection=community.docker.docker\n"
 
 
-def run_role(role: str, tmp_path: Path, env: dict[str, str], extra_vars: dict) -> subprocess.CompletedProcess:
-    inventory = tmp_path / "hosts"
-    inventory.write_text(INVENTORY)
-    return subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            str(inventory),
-            str(HERE / "playbooks" / "role.yml"),
-            "-e",
-            json.dumps({"role_under_test": f"pifarm.inference.{role}", **extra_vars}),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+LOCALHOST = f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+ROLE_PLAYBOOK = HERE / "playbooks" / "role.yml"
+
+
+def run_playbook(
+    playbook: Path,
+    tmp_path: Path,
+    env: dict[str, str],
+    extra_vars: dict,
+    *,
+    inventory: str = INVENTORY,
+    check=False,
+) -> subprocess.CompletedProcess:
+    """ansible-playbook against a one-host inventory (by default the unreachable host)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(inventory)
+    command = ["ansible-playbook", "-i", str(hosts), str(playbook), "-e", json.dumps(extra_vars)]
+    if check:
+        command.append("--check")
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def run_role(
+    role: str, tmp_path: Path, env: dict[str, str], extra_vars: dict, **options
+) -> subprocess.CompletedProcess:
+    """Apply pifarm.inference.<role> through tests/roles/playbooks/role.yml."""
+    return run_playbook(
+        ROLE_PLAYBOOK, tmp_path, env, {"role_under_test": f"pifarm.inference.{role}", **extra_vars}, **options
     )
 
 
@@ -185,23 +196,8 @@ def test_good_input_passes_the_checks_and_reaches_the_host(tmp_path, ansible_env
     ],
 )
 def test_clone_never_runs_without_naming_the_target_twice(tmp_path, ansible_env, extra_vars):
-    inventory = tmp_path / "hosts"
-    inventory.write_text(INVENTORY)
-    result = subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            str(inventory),
-            str(HERE.parents[1] / "playbooks" / "clone_sd_to_nvme.yml"),
-            "-e",
-            json.dumps({"pifarm_clone_hosts": "all", **extra_vars}),
-        ],
-        capture_output=True,
-        text=True,
-        env=ansible_env,
-        timeout=300,
-        check=False,
-    )
+    playbook = HERE.parents[1] / "playbooks" / "clone_sd_to_nvme.yml"
+    result = run_playbook(playbook, tmp_path, ansible_env, {"pifarm_clone_hosts": "all", **extra_vars})
     counts = recap(result)
     assert counts["failed"] == 1
     assert counts["unreachable"] == 0
@@ -235,31 +231,8 @@ def test_npu_stops_before_installing_anything(tmp_path, ansible_env, extra_vars,
     runs for real on the test host over a local connection; --check guarantees a
     host that does have Raspberry Pi's repository gets nothing installed either.
     """
-    inventory = tmp_path / "hosts"
-    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
-    result = subprocess.run(
-        [
-            "ansible-playbook",
-            "--check",
-            "-i",
-            str(inventory),
-            str(HERE / "playbooks" / "role.yml"),
-            "-e",
-            json.dumps(
-                {
-                    "role_under_test": "pifarm.inference.npu",
-                    "npu_enabled": True,
-                    "npu_root": str(FIXTURES / "pi5-16gb-hailo10h"),
-                    **extra_vars,
-                }
-            ),
-        ],
-        capture_output=True,
-        text=True,
-        env=ansible_env,
-        timeout=300,
-        check=False,
-    )
+    extra_vars = {"npu_enabled": True, "npu_root": str(FIXTURES / "pi5-16gb-hailo10h"), **extra_vars}
+    result = run_role("npu", tmp_path, ansible_env, extra_vars, inventory=LOCALHOST, check=True)
     counts = recap(result, "localhost")
     assert counts["failed"] == 1
     assert counts["changed"] == 0
@@ -306,24 +279,7 @@ def test_net_tuning_refuses_on_this_host_before_any_change(
     tmp_path, ansible_env, extra_vars, failing_task, message
 ):
     """net_tuning in check mode on this machine: its checks read the real /sys and /proc."""
-    inventory = tmp_path / "hosts"
-    inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
-    result = subprocess.run(
-        [
-            "ansible-playbook",
-            "--check",
-            "-i",
-            str(inventory),
-            str(HERE / "playbooks" / "role.yml"),
-            "-e",
-            json.dumps({"role_under_test": "pifarm.inference.net_tuning", **extra_vars}),
-        ],
-        capture_output=True,
-        text=True,
-        env=ansible_env,
-        timeout=300,
-        check=False,
-    )
+    result = run_role("net_tuning", tmp_path, ansible_env, extra_vars, inventory=LOCALHOST, check=True)
     counts = recap(result, "localhost")
     assert counts["failed"] == 1
     assert counts["changed"] == 0
