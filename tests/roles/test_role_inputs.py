@@ -285,3 +285,160 @@ def test_net_tuning_refuses_on_this_host_before_any_change(
     assert counts["changed"] == 0
     assert failing_task in first_failed_task(result)
     assert message in result.stdout
+
+
+NETWORK_BOND = {"network_bond_enabled": True, "network_bond_members": ["eth0", "eth1"]}
+
+
+def first_unreachable_task(result: subprocess.CompletedProcess) -> str:
+    """The header of the task the run first lost the host in."""
+    unreachable = re.search(r"^fatal: \[[^]]+\]: UNREACHABLE!", result.stdout, re.MULTILINE)
+    assert unreachable, result.stdout
+    return result.stdout[: unreachable.start()].rsplit("TASK [", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("extra_vars", "failing_task", "named"),
+    [
+        pytest.param(
+            {"network_bond_members": ["eth0"]},
+            "Assert the bond has two or more distinct members",
+            "network_bond_members=['eth0']",
+            id="bond-one-member",
+        ),
+        pytest.param(
+            {"network_bond_members": ["eth0", "eth0"]},
+            "Assert the bond has two or more distinct members",
+            "network_bond_members=['eth0', 'eth0']",
+            id="bond-same-member-twice",
+        ),
+        pytest.param(
+            {"network_bond_members": ["eth0", "bond0"]},
+            "Assert the bond is not one of its own members",
+            "network_bond_name=bond0 is also listed in network_bond_members",
+            id="bond-member-of-itself",
+        ),
+        pytest.param(
+            {"network_bond_members": ["eth0", "eth1:0"]},
+            "Assert the interface names are valid",
+            "'eth1:0'",
+            id="bond-member-not-an-interface-name",
+        ),
+        pytest.param(
+            {"network_bond_mode": "balance-rr"},
+            ARGSPEC,
+            "network_bond_mode",
+            id="bond-unknown-mode",
+        ),
+        pytest.param(
+            {"network_bond_xmit_hash_policy": "layer5"},
+            ARGSPEC,
+            "network_bond_xmit_hash_policy",
+            id="bond-unknown-hash-policy",
+        ),
+        pytest.param(
+            {"network_bond_ipv4": {"method": "manual"}},
+            ARGSPEC,
+            "network_bond_ipv4",
+            id="bond-unknown-ipv4-method",
+        ),
+        pytest.param(
+            {"network_bond_mtu": 70000},
+            "Assert the MTU and the link monitoring interval are sane",
+            "network_bond_mtu=70000",
+            id="bond-mtu-out-of-range",
+        ),
+        pytest.param(
+            {"network_bond_ipv4": {"method": "static"}},
+            "Assert the IPv4 settings are complete and well formed",
+            "method static needs an address",
+            id="bond-static-without-address",
+        ),
+        pytest.param(
+            {"network_bond_ipv4": {"method": "static", "address": "192.168.10.21"}},
+            "Assert the IPv4 settings are complete and well formed",
+            "192.168.10.21",
+            id="bond-static-address-without-prefix",
+        ),
+        pytest.param(
+            {"network_bond_ipv4": {"method": "dhcp", "address": "192.168.10.21/24"}},
+            "Assert the IPv4 settings are complete and well formed",
+            "belong to method static only",
+            id="bond-dhcp-with-address",
+        ),
+        pytest.param(
+            {"network_bond_ipv6": {"method": "static", "address": "fd00:10::21"}},
+            "Assert the IPv6 settings are complete and well formed",
+            "fd00:10::21",
+            id="bond-static-ipv6-without-prefix",
+        ),
+        pytest.param(
+            {"network_bond_dns": ["dns.example"]},
+            "Assert the DNS servers are addresses",
+            "network_bond_dns entry 'dns.example'",
+            id="bond-dns-not-an-address",
+        ),
+        pytest.param(
+            {"network_bond_confirm_timeout": 120},
+            "Assert the confirmation fits before the revert",
+            "network_bond_confirm_timeout=120",
+            id="bond-confirm-not-before-revert",
+        ),
+        pytest.param(
+            {"network_bond_mac_address": "2c:cf:67"},
+            "Assert the MAC address is one",
+            "network_bond_mac_address=2c:cf:67",
+            id="bond-bad-mac",
+        ),
+    ],
+)
+def test_network_bond_refuses_bad_input_before_touching_the_host(
+    tmp_path, ansible_env, extra_vars, failing_task, named
+):
+    result = run_role("network_bond", tmp_path, ansible_env, {**NETWORK_BOND, **extra_vars})
+    assert result.returncode != 0
+    counts = recap(result)
+    assert counts["failed"] == 1
+    assert counts["unreachable"] == 0, "the role reached the host before rejecting the input"
+    assert counts["changed"] == 0
+    assert failing_task in first_failed_task(result)
+    assert named in result.stdout
+
+
+@pytest.mark.parametrize(
+    "extra_vars",
+    [
+        pytest.param({}, id="bond-dhcp"),
+        pytest.param(
+            {
+                "network_bond_mode": "active-backup",
+                "network_bond_mtu": 9000,
+                "network_bond_ipv4": {
+                    "method": "static",
+                    "address": "192.168.10.21/24",
+                    "gateway": "192.168.10.1",
+                },
+                "network_bond_ipv6": {"method": "static", "address": "fd00:10::21/64"},
+                "network_bond_dns": ["192.168.10.1", "fd00:10::1"],
+            },
+            id="bond-static-jumbo-active-backup",
+        ),
+    ],
+)
+def test_network_bond_good_input_reaches_the_host(tmp_path, ansible_env, extra_vars):
+    """The control case: valid input passes every controller-side check and goes on to the host."""
+    result = run_role("network_bond", tmp_path, ansible_env, {**NETWORK_BOND, **extra_vars})
+    counts = recap(result)
+    assert counts["unreachable"] == 1
+    assert counts["failed"] == 0
+    assert "Ask whether an earlier change is still on trial" in first_unreachable_task(result)
+
+
+def test_network_bond_is_opt_in(tmp_path, ansible_env):
+    """Without network_bond_enabled the role says so and never reaches the host."""
+    result = run_role("network_bond", tmp_path, ansible_env, {"network_bond_members": ["eth0", "eth1"]})
+    assert result.returncode == 0, result.stdout
+    counts = recap(result)
+    assert counts["unreachable"] == 0
+    assert counts["changed"] == 0
+    assert "SKIPPED network_bond on pifarm-no-such-host: network_bond_enabled is false" in result.stdout
