@@ -29,6 +29,8 @@ ensure_system_packages() {
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
   command -v git >/dev/null 2>&1 || missing+=(git)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  # The agent's signature tests cross-check py-minisign against the minisign tool.
+  command -v minisign >/dev/null 2>&1 || missing+=(minisign)
   # The role tests read dpkg's package list through Ansible's apt bindings.
   /usr/bin/python3 -c 'import apt' >/dev/null 2>&1 || missing+=(python3-apt)
   if [ ${#missing[@]} -eq 0 ]; then

@@ -9,7 +9,7 @@ the farm's ``/var/lib/pifarm/models``)::
     models/<name>/<sha256>.partial                   a download in progress (resumable)
     models/<name>/current -> <sha256>                what the inference server loads
     models/<name>/previous -> <sha256>               the version before, for instant rollback
-    models/<name>/.lock                              serialises sync/activate/rollback/gc
+    models/<name>/.lock                              serialises sync/activate/rollback/gc/remove
 
 A download goes to ``<sha256>.partial``; an interrupted one resumes with a ranged
 request after hashing the bytes already there. Only a file whose size, SHA-256 and
@@ -18,7 +18,14 @@ is ``current`` switched, by renaming a fresh symlink over it.
 
 Version policy: ``sync`` and ``activate`` refuse a version older than the active
 one, and the active version with a different SHA-256 (versions are immutable),
-unless ``allow_downgrade`` is set; ``rollback`` is the explicit way back.
+unless ``allow_downgrade`` is set; ``rollback`` is the explicit way back. A sync
+with ``activate=False`` (prefetch) only fetches and verifies: it refuses a
+version's content changing but not an older version, since nothing is switched.
+
+``plan`` answers what ``sync`` would do (bytes to fetch, the switch of ``current``)
+through the same decision code, reading the cache and the store's signed manifest
+but writing nothing: no lock file, no directory, no partial. ``remove`` deletes one
+cached version (never ``current``) or a whole model.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ import errno
 import fcntl
 import hashlib
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -51,6 +60,52 @@ PREVIOUS = "previous"
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_RE = re.compile(r"([0-9a-f]{64})\.partial")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+# How many chunks the download may run ahead of hashing and writing.
+READ_AHEAD = 8
+
+
+def _read_ahead(chunks: Iterator[bytes], depth: int = READ_AHEAD) -> Iterator[bytes]:
+    """Yield ``chunks`` while a thread already receives the next ones.
+
+    SHA-256 and the file write of one chunk then overlap with the network read of
+    the next (both release the GIL), so a download costs about the slower of
+    network and hashing instead of their sum. An error of the reader is raised
+    here, in the consumer, at the point in the stream where it happened.
+    """
+    handoff: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+        except BaseException as exc:  # re-raised in the consumer
+            put(exc)
+            return
+        put(None)
+
+    reader = threading.Thread(target=read, name="pifarm-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while (item := handoff.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 class CacheError(Exception):
@@ -115,18 +170,28 @@ class Entry:
 
 @dataclass
 class SyncResult:
-    """What a sync did. ``status`` is one of STATUSES."""
+    """What a sync did. ``status`` is one of STATUSES.
+
+    ``version``/``sha256`` are the target's (the served model's when served from
+    cache); ``before`` was current before the sync, ``current``/``previous`` are the
+    links after it; ``switched`` says whether ``current`` moved; ``verify_seconds`` is
+    the time spent hashing and checking signatures, within ``seconds``.
+    """
 
     status: str
     name: str
     message: str
     current: Entry | None = None
     previous: Entry | None = None
+    before: Entry | None = None
     version: str | None = None
     sha256: str | None = None
     bytes_fetched: int = 0
     resumed_from: int = 0
     seconds: float = 0.0
+    verify_seconds: float = 0.0
+    activate: bool = True
+    switched: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     STATUSES = ("changed", "unchanged", "served-from-cache")
@@ -134,6 +199,113 @@ class SyncResult:
     @property
     def changed(self) -> bool:
         return self.status == "changed"
+
+
+@dataclass
+class PlanResult:
+    """What a sync would do; ``status`` is the one the sync would report.
+
+    ``current`` is what is current now and ``target`` what the sync would fetch
+    and (when ``would_switch``) make current; when the store is unreachable the
+    target is the cached model that would stay.
+    """
+
+    status: str
+    name: str
+    message: str
+    current: Entry | None = None
+    previous: Entry | None = None
+    target: Manifest | None = None
+    would_fetch_bytes: int = 0
+    resumed_from: int = 0
+    would_switch: bool = False
+    activate: bool = True
+    seconds: float = 0.0
+    verify_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return self.status == "changed"
+
+
+@dataclass
+class RemoveResult:
+    """What a removal deleted (or, with ``plan``, would delete)."""
+
+    name: str
+    version: str | None
+    removed: list[Entry] = field(default_factory=list)
+    partials: list[tuple[Path, int]] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    plan: bool = False
+    before: Entry | None = None  # current before the removal
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.removed or self.partials or self.links)
+
+    @property
+    def message(self) -> str:
+        what = f"model {self.name}" + (f" {self.version}" if self.version else "")
+        if not self.changed:
+            return f"{what}: nothing cached to remove"
+        parts = [f"{entry.version} ({entry.sha256[:12]})" for entry in self.removed]
+        parts += [f"partial download {path.name} ({size} bytes)" for path, size in self.partials]
+        parts += [f"link {link}" for link in self.links]
+        verb = "would remove" if self.plan else "removed"
+        return f"{what}: {verb} {', '.join(parts)}"
+
+
+class _Timer:
+    """Seconds spent hashing and checking signatures, reported as ``verify_seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+class _TimedDigest:
+    """SHA-256 that adds the time spent in ``update`` to a timer (hashing, not network or disk)."""
+
+    def __init__(self, timer: _Timer) -> None:
+        self._digest = hashlib.sha256()
+        self._timer = timer
+
+    def update(self, data: bytes) -> None:
+        started = time.perf_counter()
+        self._digest.update(data)
+        self._timer.seconds += time.perf_counter() - started
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+@dataclass
+class _Decision:
+    """What a sync of one model comes to, decided without writing anything (shared by sync and plan).
+
+    Either ``manifest`` is the verified target (``entry`` is its cache entry when it
+    is already cached; ``switch`` says whether ``current`` moves to it), or the store
+    was unreachable and ``fallback`` is the cached model that stays.
+    """
+
+    active: Entry | None
+    requested: str | None
+    manifest: Manifest | None = None
+    entry: Entry | None = None
+    manifest_bytes: bytes = b""
+    signature_bytes: bytes = b""
+    switch: bool = False
+    fallback: Entry | None = None
+    unreachable: Exception | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -154,6 +326,13 @@ def _write_file(path: Path, data: bytes) -> None:
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
         raise CacheError(f"model name {name!r:.80} is not [a-z0-9][a-z0-9._-]{{0,63}}")
+
+
+def _check_request(name: str, version: str | None) -> None:
+    """Refuse a bad name or version before anything is locked or created."""
+    _check_name(name)
+    if version is not None:
+        parse_version(version)
 
 
 class ModelCache:
@@ -239,14 +418,28 @@ class ModelCache:
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
+        """Hold the model's lock. A lock taken on a model directory that ``remove`` moved away
+        while this process waited is dropped and taken again on the directory now in place."""
         directory = self.model_dir(name)
-        directory.mkdir(parents=True, exist_ok=True)
-        with (directory / ".lock").open("a") as lock:
+        while True:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / ".lock"
+            lock = path.open("a")
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            held = os.fstat(lock.fileno())
             try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                on_disk = os.stat(path)
+                same = (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            lock.close()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            lock.close()
 
     # -- verification ----------------------------------------------------------------
 
@@ -306,10 +499,14 @@ class ModelCache:
         _fsync_dir(directory)
 
     @staticmethod
-    def _check_policy(active: Entry | None, candidate: Manifest, allow_downgrade: bool) -> None:
+    def _check_policy(
+        active: Entry | None, candidate: Manifest, allow_downgrade: bool, *, switching: bool = True
+    ) -> None:
+        """Refuse an older version than the active one (when it would become current) and
+        the active version with other content (always: versions are immutable)."""
         if active is None or allow_downgrade or active.sha256 == candidate.sha256:
             return
-        if candidate.version_key < active.manifest.version_key:
+        if switching and candidate.version_key < active.manifest.version_key:
             raise VersionPolicyError(
                 f"refusing {candidate.name} {candidate.version}: older than the active version "
                 f"{active.version} (roll back explicitly, or allow a downgrade)"
@@ -320,15 +517,19 @@ class ModelCache:
                 f"{active.sha256}, this one {candidate.sha256}; a version's content never changes"
             )
 
+    def _switch(self, name: str, entry: Entry, active: Entry | None) -> None:
+        """``previous`` to the active entry, then ``current`` to ``entry``; checks come before."""
+        if active is not None:
+            self._point(name, PREVIOUS, active.sha256)
+        self._point(name, CURRENT, entry.sha256)
+
     def _activate_locked(self, name: str, entry: Entry, allow_downgrade: bool) -> bool:
         self.verify_entry(entry, full=False)
         active = self.current(name)
         if active is not None and active.sha256 == entry.sha256:
             return False
         self._check_policy(active, entry.manifest, allow_downgrade)
-        if active is not None:
-            self._point(name, PREVIOUS, active.sha256)
-        self._point(name, CURRENT, entry.sha256)
+        self._switch(name, entry, active)
         return True
 
     def activate(self, name: str, ref: str, *, allow_downgrade: bool = False) -> tuple[bool, Entry]:
@@ -376,6 +577,66 @@ class ModelCache:
                 self._remove_dir(leftover)
             return removed
 
+    # -- removal ---------------------------------------------------------------------
+
+    def _removal(self, name: str, version: str | None, *, plan: bool) -> RemoveResult:
+        """What ``remove`` deletes; reads only. Refuses the current version."""
+        result = RemoveResult(name, version, plan=plan)
+        directory = self.model_dir(name)
+        if not directory.is_dir():
+            return result
+        result.before = self.current(name)
+        if version is None:
+            result.removed = self.entries(name)
+            result.partials = [(path, path.stat().st_size) for path in self.partials(name)]
+            result.links = [link for link in (CURRENT, PREVIOUS) if (directory / link).is_symlink()]
+            return result
+        entry = self._cached_version(name, version)
+        if entry is None:
+            return result
+        if entry.sha256 == self._link_target(name, CURRENT):
+            raise CacheError(
+                f"refusing to remove model {name} {version}: it is the current version; activate or "
+                "roll back to another version first, or remove the whole model"
+            )
+        result.removed = [entry]
+        if entry.sha256 == self._link_target(name, PREVIOUS):
+            result.links = [PREVIOUS]
+        return result
+
+    def remove(self, name: str, version: str | None = None, *, plan: bool = False) -> RemoveResult:
+        """Remove one cached version, or with ``version`` None the whole model.
+
+        One version: refused when it is ``current``; when it is ``previous`` that
+        link goes too (there is nothing to roll back to). The whole model: both
+        links, every entry and every partial download. With ``plan`` nothing is
+        written and the result says what would be removed.
+        """
+        _check_request(name, version)
+        if plan or not self.model_dir(name).is_dir():
+            return self._removal(name, version, plan=plan)
+        with self._locked(name):
+            result = self._removal(name, version, plan=False)
+            directory = self.model_dir(name)
+            if version is None:
+                # What an interrupted removal of this model left behind goes first. Then one
+                # rename takes the model out of sight (links included) and it is deleted.
+                pattern = re.compile(rf"\.{re.escape(name)}\.[0-9]+\.tmp")
+                for leftover in self.models_dir.iterdir():
+                    if pattern.fullmatch(leftover.name):
+                        shutil.rmtree(leftover)
+                trash = self.models_dir / f".{name}.{os.getpid()}.tmp"
+                os.replace(directory, trash)
+                _fsync_dir(self.models_dir)
+                shutil.rmtree(trash)
+                return result
+            if PREVIOUS in result.links:
+                (directory / PREVIOUS).unlink()
+                _fsync_dir(directory)
+            for entry in result.removed:
+                self._remove_dir(entry.path)
+            return result
+
     @staticmethod
     def _remove_dir(path: Path) -> None:
         """Rename an entry first, so a half-removed directory never looks like an entry."""
@@ -392,7 +653,11 @@ class ModelCache:
 
     def _check_space(self, name: str, manifest: Manifest, have: int) -> None:
         needed = manifest.size - have
-        free = shutil.disk_usage(self.model_dir(name)).free
+        # A plan runs before the model's directory exists: ask the filesystem it will be on.
+        where = self.model_dir(name)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free
         if free < needed + self.reserve_bytes:
             raise InsufficientSpaceError(
                 f"refusing to download {manifest.name} {manifest.version}: needs {needed} bytes "
@@ -442,14 +707,24 @@ class ModelCache:
                 f"the signed manifest says {manifest.sha256}"
             )
 
-    def _fetch(self, source: ModelSource, manifest: Manifest, partial: Path) -> tuple[int, int]:
+    @staticmethod
+    def _resumable_bytes(partial: Path, manifest: Manifest) -> int:
+        """Bytes of ``partial`` a download resumes from (0 when absent or longer than the model)."""
+        try:
+            have = partial.stat().st_size
+        except FileNotFoundError:
+            return 0
+        return have if have <= manifest.size else 0
+
+    def _fetch(
+        self, source: ModelSource, manifest: Manifest, partial: Path, timer: _Timer
+    ) -> tuple[int, int]:
         """Bring ``partial`` to the full, verified file; returns (resumed_from, bytes_fetched)."""
-        have = partial.stat().st_size if partial.exists() else 0
-        if have > manifest.size:
-            partial.unlink()
-            have = 0
+        have = self._resumable_bytes(partial, manifest)
+        if have == 0:
+            partial.unlink(missing_ok=True)
         self._check_space(manifest.name, manifest, have)
-        digest = hashlib.sha256()
+        digest = _TimedDigest(timer)
         if have:
             have = self._hash_existing(partial, digest)
         progress = Progress(
@@ -465,8 +740,10 @@ class ModelCache:
                 with (
                     partial.open("ab") as out,
                     source.open_model(manifest.name, manifest.version, filename, have) as chunks,
+                    # Closed first, so the reader stops before the response does.
+                    closing(_read_ahead(chunks)) as received,
                 ):
-                    self._append(chunks, out, digest, progress, manifest)
+                    self._append(received, out, digest, progress, manifest)
             progress.finish()
             self._check_download(digest, progress, manifest)
         except IntegrityError:
@@ -509,10 +786,71 @@ class ModelCache:
             raise CacheError(f"cache entry {directory / manifest.sha256} unreadable right after writing it")
         return entry
 
-    # -- sync ------------------------------------------------------------------------
+    # -- sync ----------------------------------------------------------------------
 
     def _cached_version(self, name: str, version: str) -> Entry | None:
         return next((e for e in self.entries(name) if e.version == version), None)
+
+    def _fallback(self, name: str, active: Entry | None, activate: bool) -> Entry | None:
+        """The cached model that stays when the store is unreachable: the active one, or for a
+        prefetch on a node with nothing current, the newest cached version."""
+        if active is not None or activate:
+            return active
+        entries = self.entries(name)
+        return entries[0] if entries else None
+
+    def _decide(  # noqa: PLR0913 - sync's and plan's options, passed through
+        self,
+        source: ModelSource,
+        name: str,
+        version: str | None,
+        *,
+        activate: bool,
+        allow_downgrade: bool,
+        timer: _Timer,
+    ) -> _Decision:
+        """Resolve the target, verify its signed manifest and apply the version policy; writes nothing.
+
+        A requested version already in the cache is used without contacting the store.
+        """
+        active = self.current(name)
+        decision = _Decision(active=active, requested=version)
+        entry = self._cached_version(name, version) if version else None
+        if entry is not None:
+            decision.manifest = entry.manifest
+        else:
+            try:
+                if version is None:
+                    version = source.latest_version(name)
+                manifest_bytes, signature_bytes = source.fetch_signed_manifest(name, version)
+            except StoreUnreachableError as exc:
+                decision.fallback = self._fallback(name, active, activate)
+                if decision.fallback is None:
+                    raise
+                decision.requested, decision.unreachable = version, exc
+                return decision
+            with timer.timing():
+                manifest = verify_manifest(manifest_bytes, signature_bytes, self.public_key)
+            if (manifest.name, manifest.version) != (name, version):
+                raise VersionPolicyError(
+                    f"refusing store entry {name} {version}: it holds the signed manifest of "
+                    f"{manifest.name} {manifest.version} (a moved or replayed artifact)"
+                )
+            decision.manifest, decision.manifest_bytes, decision.signature_bytes = (
+                manifest,
+                manifest_bytes,
+                signature_bytes,
+            )
+            entry = self.entry(name, manifest.sha256)
+        decision.entry = entry
+        is_active = active is not None and active.sha256 == decision.manifest.sha256
+        self._check_policy(active, decision.manifest, allow_downgrade, switching=activate)
+        if entry is not None and not is_active:
+            # A cached entry is only counted on (as present, or to switch to) once it re-verifies.
+            with timer.timing():
+                self.verify_entry(entry, full=False)
+        decision.switch = activate and not is_active
+        return decision
 
     def sync(
         self,
@@ -520,41 +858,25 @@ class ModelCache:
         name: str,
         version: str | None = None,
         *,
+        activate: bool = True,
         allow_downgrade: bool = False,
     ) -> SyncResult:
         """Make ``version`` (default: the store's newest) of ``name`` current, verifying everything first.
 
-        When the store is unreachable and a model is active, it stays active and the
-        result says ``served-from-cache``. A requested version already in the cache is
-        activated without contacting the store.
+        With ``activate=False`` the version is fetched and verified into the cache
+        but ``current`` is left alone (a model cached but not current is present).
+        When the store is unreachable and a model is active (for a prefetch: cached),
+        it stays and the result says ``served-from-cache``.
         """
-        started = time.monotonic()
-        if version is not None:
-            parse_version(version)
+        started, timer = time.monotonic(), _Timer()
+        _check_request(name, version)
         with self._locked(name):
-            active = self.current(name)
-            cached = self._cached_version(name, version) if version else None
-            if cached is not None:
-                changed = self._activate_locked(name, cached, allow_downgrade)
-                return self._result("changed" if changed else "unchanged", name, cached, started)
-            try:
-                if version is None:
-                    version = source.latest_version(name)
-                manifest_bytes, signature_bytes = source.fetch_signed_manifest(name, version)
-            except StoreUnreachableError as exc:
-                if active is None:
-                    raise
-                return self._served_from_cache(name, active, version, exc, started)
-            manifest = verify_manifest(manifest_bytes, signature_bytes, self.public_key)
-            if (manifest.name, manifest.version) != (name, version):
-                raise VersionPolicyError(
-                    f"refusing store entry {name} {version}: it holds the signed manifest of "
-                    f"{manifest.name} {manifest.version} (a moved or replayed artifact)"
-                )
-            if active is not None and active.sha256 == manifest.sha256:
-                return self._result("unchanged", name, active, started)
-            self._check_policy(active, manifest, allow_downgrade)
-            entry = self.entry(name, manifest.sha256)
+            decision = self._decide(
+                source, name, version, activate=activate, allow_downgrade=allow_downgrade, timer=timer
+            )
+            if decision.fallback is not None:
+                return self._served_from_cache(name, decision, started, timer, activate)
+            manifest, entry = decision.manifest, decision.entry
             resumed_from = fetched = 0
             if entry is None:
                 partial = self.partial_path(name, manifest.sha256)
@@ -562,45 +884,130 @@ class ModelCache:
                     if stale != partial:
                         stale.unlink()
                 try:
-                    resumed_from, fetched = self._fetch(source, manifest, partial)
+                    resumed_from, fetched = self._fetch(source, manifest, partial, timer)
                 except StoreUnreachableError as exc:
                     # Refused before a byte arrived; whatever an earlier attempt left stays for a resume.
-                    if active is None:
+                    decision.fallback = self._fallback(name, decision.active, activate)
+                    if decision.fallback is None:
                         raise
-                    return self._served_from_cache(name, active, version, exc, started)
-                entry = self._promote(manifest, manifest_bytes, signature_bytes, partial)
-            self._activate_locked(name, entry, allow_downgrade)
-            result = self._result("changed", name, entry, started)
+                    decision.unreachable = exc
+                    return self._served_from_cache(name, decision, started, timer, activate)
+                entry = self._promote(manifest, decision.manifest_bytes, decision.signature_bytes, partial)
+            if decision.switch:
+                self._switch(name, entry, decision.active)
+            changed = decision.entry is None or decision.switch
+            result = self._result("changed" if changed else "unchanged", name, entry, started, activate)
+            result.before, result.switched = decision.active, decision.switch
             result.bytes_fetched, result.resumed_from = fetched, resumed_from
+            result.verify_seconds = timer.seconds
             return result
 
-    def _result(self, status: str, name: str, entry: Entry, started: float) -> SyncResult:
-        verb = {"changed": "activated", "unchanged": "already active"}[status]
+    def plan(
+        self,
+        source: ModelSource,
+        name: str,
+        version: str | None = None,
+        *,
+        activate: bool = True,
+        allow_downgrade: bool = False,
+    ) -> PlanResult:
+        """What ``sync`` with the same arguments would do, without writing anything.
+
+        The store's signed manifest is fetched and verified and the version policy and
+        the free-space guard are applied, so a plan fails where the sync would.
+        """
+        started, timer = time.monotonic(), _Timer()
+        _check_request(name, version)
+        decision = self._decide(
+            source, name, version, activate=activate, allow_downgrade=allow_downgrade, timer=timer
+        )
+        plan = PlanResult(
+            status="unchanged",
+            name=name,
+            message="",
+            current=decision.active,
+            previous=self.previous(name),
+            activate=activate,
+        )
+        if decision.fallback is not None:
+            served = self._served_from_cache(name, decision, started, timer, activate)
+            plan.status, plan.message, plan.extra = served.status, served.message, served.extra
+            plan.target = decision.fallback.manifest
+        else:
+            manifest = plan.target = decision.manifest
+            if decision.entry is None:
+                plan.resumed_from = self._resumable_bytes(self.partial_path(name, manifest.sha256), manifest)
+                self._check_space(name, manifest, plan.resumed_from)
+                plan.would_fetch_bytes = manifest.size - plan.resumed_from
+            plan.would_switch = decision.switch
+            if decision.entry is None or decision.switch:
+                plan.status = "changed"
+            plan.message = self._plan_message(plan, manifest)
+        plan.seconds, plan.verify_seconds = time.monotonic() - started, timer.seconds
+        return plan
+
+    @staticmethod
+    def _plan_message(plan: PlanResult, target: Manifest) -> str:
+        label = f"model {plan.name} {target.version} ({target.sha256[:12]})"
+        active = plan.current
+        now = f"{active.version} ({active.sha256[:12]})" if active else "nothing"
+        if plan.status == "unchanged":
+            where = "is current" if active and active.sha256 == target.sha256 else "is cached"
+            return f"nothing to do: {label} {where}"
+        steps = []
+        if plan.would_fetch_bytes or plan.resumed_from:
+            resumed = f", resuming after {plan.resumed_from} bytes" if plan.resumed_from else ""
+            steps.append(f"would fetch {plan.would_fetch_bytes} bytes of {label}{resumed}")
+        else:
+            steps.append(f"{label} is cached")
+        if plan.would_switch:
+            steps.append(f"would switch current from {now} to {target.version}")
+        else:
+            steps.append(f"current stays {now}")
+        return "; ".join(steps)
+
+    def _result(self, status: str, name: str, entry: Entry, started: float, activate: bool) -> SyncResult:
+        label = f"model {name} {entry.version} ({entry.sha256[:12]})"
+        current = self.current(name)
+        if activate:
+            message = f"{label} {'activated' if status == 'changed' else 'already active'}"
+        else:
+            now = f"{current.version} ({current.sha256[:12]})" if current else "nothing"
+            state = "is current" if current and current.sha256 == entry.sha256 else f"current stays {now}"
+            done = "fetched and verified" if status == "changed" else "already cached"
+            message = f"{label} {done}; {state}"
         return SyncResult(
             status=status,
             name=name,
-            message=f"model {name} {entry.version} ({entry.sha256[:12]}) {verb}",
-            current=self.current(name),
+            message=message,
+            current=current,
             previous=self.previous(name),
             version=entry.version,
             sha256=entry.sha256,
             seconds=time.monotonic() - started,
+            activate=activate,
         )
 
     def _served_from_cache(
-        self, name: str, active: Entry, requested: str | None, exc: Exception, started: float
+        self, name: str, decision: _Decision, started: float, timer: _Timer, activate: bool
     ) -> SyncResult:
+        kept = decision.fallback
+        label = f"{name} {kept.version} ({kept.sha256[:12]})"
+        if decision.active is not None and decision.active.sha256 == kept.sha256:
+            what = f"serving cached model {label}"
+        else:
+            what = f"keeping cached model {label} (not current)"
         return SyncResult(
             status="served-from-cache",
             name=name,
-            message=(
-                f"store unreachable, serving cached model {name} {active.version} "
-                f"({active.sha256[:12]}): {exc}"
-            ),
-            current=active,
+            message=f"store unreachable, {what}: {decision.unreachable}",
+            current=decision.active,
             previous=self.previous(name),
-            version=active.version,
-            sha256=active.sha256,
+            before=decision.active,
+            version=kept.version,
+            sha256=kept.sha256,
             seconds=time.monotonic() - started,
-            extra={"requested_version": requested},
+            verify_seconds=timer.seconds,
+            activate=activate,
+            extra={"requested_version": decision.requested},
         )

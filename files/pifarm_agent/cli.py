@@ -1,13 +1,20 @@
 """Command line entry point ``pifarm-agent``.
 
-``pifarm-agent model publish|sync|verify|activate|rollback|list|gc`` manages the
-model store and this node's model cache. Output is for people by default and one
+``pifarm-agent model publish|sync|verify|activate|rollback|list|gc|remove`` manages
+the model store and this node's model cache. Output is for people by default and one
 JSON object on stdout with ``--json``. Exit codes:
 
 * 0  nothing to do / done without change (also: store unreachable, cached model served)
 * 1  failed (the active model is unchanged)
-* 2  changed (something was published, activated, rolled back or removed)
+* 2  changed (something was published, fetched, activated, rolled back or removed)
 * 64 usage error (bad flags or arguments)
+
+``model sync NAME`` fetches, verifies and activates; ``--no-activate`` only fetches
+and verifies (prefetch); ``--plan`` changes nothing and reports what the sync would
+fetch and switch, with the exit code the sync would have. ``model sync --all`` does
+this for every model the config declares (``models``), carries on past a model
+that fails, and exits 1 if any failed, else 2 if any changed, else 0.
+``model remove NAME [--version V] [--plan]`` removes one cached version or a whole model.
 
 Configuration comes from ``/etc/pifarm/agent.json`` (or ``--config``; a missing
 default file is fine, a missing explicit one is not), then flags override it. The
@@ -23,13 +30,13 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pifarm_agent import __version__
-from pifarm_agent.cache import DEFAULT_KEEP, ModelCache, SyncResult
-from pifarm_agent.manifest import FORMATS, Manifest, utc_now
+from pifarm_agent.cache import DEFAULT_KEEP, Entry, ModelCache, PlanResult, RemoveResult, SyncResult
+from pifarm_agent.manifest import FORMATS, NAME_RE, Manifest, ManifestError, parse_version, utc_now
 from pifarm_agent.progress import MB
 from pifarm_agent.signing import load_public_key, load_secret_key, sign_manifest, verify_manifest
 from pifarm_agent.store import DEFAULT_PART_SIZE, ModelStore, StoreConfig, parse_endpoint
@@ -62,6 +69,8 @@ class AgentConfig:
     cache_root: str = DEFAULT_CACHE_ROOT
     keep: int = DEFAULT_KEEP
     reserve_mb: int = 100
+    # The models this node holds: [{"name": ..., "version": "latest" or MAJOR.MINOR.PATCH}].
+    models: list[dict[str, str]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         shown = {
@@ -97,7 +106,41 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "secure": (bool,),
     "keep": (int,),
     "reserve_mb": (int,),
+    "models": (list,),
 }
+LATEST = "latest"
+MODEL_KEYS = ("name", "version")
+
+
+def parse_models(value: list[Any], where: str) -> list[dict[str, str]]:
+    """The ``models`` key: a list of {"name", "version"}; errors name the index and the key."""
+    models: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(value):
+        label = f"{where}: models[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(
+                f"{label} must be an object with keys name and version, got {type(item).__name__}"
+            )
+        for key in item:
+            if key not in MODEL_KEYS:
+                raise ConfigError(f"{label}: unknown key {key!r:.40} (allowed: name, version)")
+        name = item.get("name")
+        if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+            raise ConfigError(f"{label}.name: {name!r:.80} is not a model name ([a-z0-9][a-z0-9._-]{{0,63}})")
+        version = item.get("version", LATEST)
+        if not isinstance(version, str):
+            raise ConfigError(f"{label}.version: must be a string, got {type(version).__name__}")
+        if version != LATEST:
+            try:
+                parse_version(version)
+            except ManifestError as exc:
+                raise ConfigError(f'{label}.version: {exc.problem}, or "latest"') from None
+        if name in seen:
+            raise ConfigError(f"{label}.name: model {name} is already declared at models[{seen[name]}]")
+        seen[name] = index
+        models.append({"name": name, "version": version})
+    return models
 
 
 def load_config(path: str | None) -> AgentConfig:
@@ -128,7 +171,10 @@ def load_config(path: str | None) -> AgentConfig:
             not isinstance(value, types) or (bool not in types and isinstance(value, bool))
         ):
             raise ConfigError(f"config file {path}: key {key!r} must be {types[0].__name__}")
-        setattr(config, key, value)
+        if key == "models":
+            setattr(config, key, parse_models(value or [], f"config file {path}"))
+        else:
+            setattr(config, key, value)
     config.access_key = os.environ.get(ACCESS_KEY_ENV) or config.access_key
     config.secret_key = os.environ.get(SECRET_KEY_ENV) or config.secret_key
     return config
@@ -178,6 +224,8 @@ def _common() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pifarm-agent", description="pifarm node agent")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Also accepted before the area (``pifarm-agent --json model sync ...``).
+    parser.add_argument("--json", dest="json_first", action="store_true", help=argparse.SUPPRESS)
     top = parser.add_subparsers(dest="area", metavar="AREA", parser_class=_Parser)
     model = top.add_parser("model", help="model store and cache")
     commands = model.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
@@ -199,9 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_SIZE // (1024 * 1024))
 
     sync = commands.add_parser("sync", parents=[common], help="fetch, verify and activate a model")
-    sync.add_argument("name")
+    which = sync.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", help="the model")
+    which.add_argument("--all", action="store_true", help="every model the config declares (models)")
     sync.add_argument("--version", dest="model_version", help="a version (default: the newest in the store)")
     sync.add_argument("--allow-downgrade", action="store_true", help="accept a version older than the active")
+    sync.add_argument(
+        "--no-activate",
+        dest="activate",
+        action="store_false",
+        help="fetch and verify into the cache, leave current as it is",
+    )
+    sync.add_argument(
+        "--plan", action="store_true", help="change nothing; report what would be fetched and switched"
+    )
 
     verify = commands.add_parser("verify", parents=[common], help="re-check cached models fully")
     verify.add_argument("name")
@@ -220,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("name", nargs="?")
     listing.add_argument("--remote", action="store_true", help="list the store instead of the cache")
+
+    remove = commands.add_parser("remove", parents=[common], help="remove a cached version or a whole model")
+    remove.add_argument("name")
+    remove.add_argument(
+        "--version", dest="model_version", help="one version (default: the whole model, links and all)"
+    )
+    remove.add_argument("--plan", action="store_true", help="change nothing; report what would be removed")
 
     gc = commands.add_parser("gc", parents=[common], help="remove old cached versions")
     gc.add_argument("name", nargs="?", help="one model (default: all)")
@@ -285,29 +351,134 @@ def cmd_publish(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dic
     return (EXIT_CHANGED if result.changed else EXIT_OK), payload
 
 
+def _version_sha(item: Entry | Manifest | None) -> dict[str, str] | None:
+    return {"version": item.version, "sha256": item.sha256} if item is not None else None
+
+
 def sync_payload(result: SyncResult) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "status": result.status,
         "changed": result.changed,
         "message": result.message,
+        "plan": False,
         "name": result.name,
         "version": result.version,
         "sha256": result.sha256,
-        "current": result.current.to_dict() if result.current else None,
-        "previous": result.previous.to_dict() if result.previous else None,
+        "activate": result.activate,
+        "switched": result.switched,
+        "current": _dict(result.current),
+        "previous": _dict(result.previous),
+        "from": _version_sha(result.before),
+        "to": {"version": result.version, "sha256": result.sha256} if result.sha256 else None,
         "bytes_fetched": result.bytes_fetched,
         "resumed_from": result.resumed_from,
+        "verify_seconds": round(result.verify_seconds, 3),
         "seconds": round(result.seconds, 3),
     }
     payload.update(result.extra)
     return payload
 
 
+def plan_payload(result: PlanResult) -> dict[str, Any]:
+    """What a sync would do; ``changed`` and ``status`` are the ones the sync would report."""
+    payload: dict[str, Any] = {
+        "status": result.status,
+        "changed": result.changed,
+        "message": result.message,
+        "plan": True,
+        "name": result.name,
+        "version": result.target.version if result.target else None,
+        "sha256": result.target.sha256 if result.target else None,
+        "activate": result.activate,
+        "current": _dict(result.current),
+        "previous": _dict(result.previous),
+        "from": _version_sha(result.current),
+        "to": _version_sha(result.target),
+        "would_fetch_bytes": result.would_fetch_bytes,
+        "resumed_from": result.resumed_from,
+        "would_switch": result.would_switch,
+        "bytes_fetched": 0,
+        "verify_seconds": round(result.verify_seconds, 3),
+        "seconds": round(result.seconds, 3),
+    }
+    payload.update(result.extra)
+    return payload
+
+
+def _sync_one(
+    cache: ModelCache, store: ModelStore, name: str, version: str | None, args: argparse.Namespace
+) -> tuple[int, dict[str, Any]]:
+    options = {"activate": args.activate, "allow_downgrade": args.allow_downgrade}
+    if args.plan:
+        plan = cache.plan(store, name, version, **options)
+        return (EXIT_CHANGED if plan.changed else EXIT_OK), plan_payload(plan)
+    result = cache.sync(store, name, version, **options)
+    return (EXIT_CHANGED if result.changed else EXIT_OK), sync_payload(result)
+
+
 def cmd_sync(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    if args.all:
+        return sync_all(config, args)
     cache = _cache(config)
     store = ModelStore(config.store_config())
-    result = cache.sync(store, args.name, args.model_version, allow_downgrade=args.allow_downgrade)
-    return (EXIT_CHANGED if result.changed else EXIT_OK), sync_payload(result)
+    return _sync_one(cache, store, args.name, args.model_version, args)
+
+
+def sync_all(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """Sync every declared model; one model's failure does not stop the others."""
+    if not config.models:
+        return EXIT_OK, {
+            "status": "unchanged",
+            "changed": False,
+            "message": "no models declared (the config file's models key is empty or absent)",
+            "plan": args.plan,
+            "models": [],
+            "failed": [],
+        }
+    cache = _cache(config)
+    store = ModelStore(config.store_config())
+    results = []
+    for declared in config.models:
+        version = None if declared["version"] == LATEST else declared["version"]
+        try:
+            code, payload = _sync_one(cache, store, declared["name"], version, args)
+        except Exception as exc:
+            code, payload = EXIT_FAILED, {"name": declared["name"], **_failure(exc)}
+        results.append({**payload, "requested_version": declared["version"], "exit_code": code})
+    failed = [r["name"] for r in results if r["status"] == "failed"]
+    changed = any(r["changed"] for r in results)
+    code = EXIT_FAILED if failed else EXIT_CHANGED if changed else EXIT_OK
+    lines = [f"{r['name']}: {r['message']}" for r in results]
+    if failed:
+        lines.append(f"{len(failed)} of {len(results)} models failed: {', '.join(failed)}")
+    return code, {
+        "status": "failed" if failed else "changed" if changed else "unchanged",
+        "changed": changed,
+        "message": "\n".join(lines),
+        "plan": args.plan,
+        "models": results,
+        "failed": failed,
+    }
+
+
+def cmd_remove(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    cache = _cache(config, need_key=False)
+    result: RemoveResult = cache.remove(args.name, args.model_version, plan=args.plan)
+    payload = {
+        "status": "changed" if result.changed else "unchanged",
+        "changed": result.changed,
+        "message": result.message,
+        "plan": result.plan,
+        "name": result.name,
+        "version": result.version,
+        "removed": [entry.to_dict() for entry in result.removed],
+        "removed_partials": [{"path": str(path), "bytes": size} for path, size in result.partials],
+        "removed_links": result.links,
+        "from": _version_sha(result.before),
+        "current": _dict(cache.current(args.name)),
+        "previous": _dict(cache.previous(args.name)),
+    }
+    return (EXIT_CHANGED if result.changed else EXIT_OK), payload
 
 
 def cmd_verify(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
@@ -421,6 +592,7 @@ COMMANDS = {
     "rollback": cmd_rollback,
     "list": cmd_list,
     "gc": cmd_gc,
+    "remove": cmd_remove,
 }
 
 
@@ -446,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.area is None:
         parser.print_help()
         return EXIT_OK
+    args.json = args.json or args.json_first
+    if args.command == "sync" and args.all and args.model_version:
+        parser.error("model sync: --version is for one model; --all syncs the versions the config declares")
     secrets: tuple[str, ...] = ()
     try:
         config = apply_flags(load_config(args.config), args)

@@ -1,8 +1,9 @@
-"""A moto S3 server in a subprocess and a TCP proxy that can cut a connection part way."""
+"""A moto S3 server in a subprocess, a TCP proxy that can cut a connection part way, and helpers."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import socket
@@ -88,12 +89,18 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 class MotoServer:
-    """moto's S3-compatible server (the stand-in for MinIO, which is not obtainable here)."""
+    """moto's S3-compatible server (the stand-in for MinIO, which is not obtainable here).
 
-    def __init__(self, log_dir: Path) -> None:
+    ``check_credentials`` makes it authenticate every request like MinIO does (moto's
+    INITIAL_NO_AUTH_ACTION_COUNT=0); it then knows no access key at all, so every
+    request is refused with InvalidAccessKeyId.
+    """
+
+    def __init__(self, log_dir: Path, *, check_credentials: bool = False) -> None:
         self.port = free_port()
         self.log = log_dir / f"moto-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.check_credentials = check_credentials
 
     @property
     def endpoint(self) -> str:
@@ -101,6 +108,8 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         env = dict(os.environ, MOTO_ALLOW_NONEXISTENT_REGION="true")
+        if self.check_credentials:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
@@ -194,3 +203,33 @@ class CuttingProxy:
             self.downstream += len(data)
         client.sendall(data)
         return True
+
+
+def tree_state(root: Path) -> dict[str, tuple] | None:
+    """Every path under ``root`` with its mode, size, mtime and link target; None when absent.
+
+    Equal states before and after a command mean it created, removed, wrote and relinked nothing.
+    """
+    if not root.exists():
+        return None
+    state: dict[str, tuple] = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        target = os.readlink(path) if path.is_symlink() else None
+        state[str(path.relative_to(root))] = (stat.st_mode, stat.st_size, stat.st_mtime_ns, target)
+    return state
+
+
+def agent_config(path: Path, endpoint: str, public_key: Path, cache_root: Path, **extra) -> Path:
+    """An agent config file as the model_cache role writes it (credentials included unless given)."""
+    data = {
+        "endpoint": f"http://{endpoint}",
+        "bucket": BUCKET,
+        "access_key": ACCESS_KEY,
+        "secret_key": SECRET_KEY,
+        "public_key": str(public_key),
+        "cache_root": str(cache_root),
+        **extra,
+    }
+    path.write_text(json.dumps(data))
+    return path

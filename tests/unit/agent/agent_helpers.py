@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import minisign
 
@@ -110,3 +112,18 @@ def blob(seed: int, size: int = 50_000) -> bytes:
         out += hashlib.sha256(f"{seed}-{counter}".encode()).digest()
         counter += 1
     return bytes(out[:size])
+
+
+def snapshot(root: Path) -> dict[str, tuple] | None:
+    """Every path under ``root`` with its kind, size, link target and mtime; None when absent.
+
+    Two equal snapshots mean nothing was created, removed, written or relinked.
+    """
+    if not root.exists():
+        return None
+    tree: dict[str, tuple] = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        target = os.readlink(path) if path.is_symlink() else None
+        tree[str(path.relative_to(root))] = (stat.st_mode, stat.st_size, stat.st_mtime_ns, target)
+    return tree
