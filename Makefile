@@ -9,13 +9,14 @@ export ANSIBLE_COLLECTIONS_PATH := $(VENV)/collections
 LOCAL_INVENTORY := inventory/local
 STAGES ?=
 
-.PHONY: help bootstrap venv farm farm-down test lint unit sanity molecule clean
+.PHONY: help bootstrap venv farm farm-down test lint unit sanity molecule bench clean
 
 help:
 	@echo "make farm       start the local container farm and converge playbooks/site.yml"
 	@echo "make farm-down  remove the local farm's containers and network"
 	@echo "make test       lint, unit, sanity, collection build, molecule, farm (what CI runs)"
 	@echo "make lint | unit | sanity | molecule SCENARIO=node_base"
+	@echo "make bench      model sync figures (BENCH_ARGS=\"--runs 9 --json --link-mb-s 117\")"
 
 bootstrap:
 	@scripts/testbed.sh all
@@ -45,6 +46,11 @@ sanity: venv
 SCENARIO ?= node_base
 molecule: bootstrap
 	@scripts/run-tests.sh molecule-$(SCENARIO)
+
+# Prints figures (raw GET vs agent sync, re-sync, peak RSS); fails only when a sync fails.
+BENCH_ARGS ?=
+bench: venv
+	@$(VENV)/bin/python bench/model_sync.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build
