@@ -34,13 +34,11 @@ import errno
 import fcntl
 import hashlib
 import os
-import queue
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, closing, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -60,52 +58,6 @@ PREVIOUS = "previous"
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_RE = re.compile(r"([0-9a-f]{64})\.partial")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-# How many chunks the download may run ahead of hashing and writing.
-READ_AHEAD = 8
-
-
-def _read_ahead(chunks: Iterator[bytes], depth: int = READ_AHEAD) -> Iterator[bytes]:
-    """Yield ``chunks`` while a thread already receives the next ones.
-
-    SHA-256 and the file write of one chunk then overlap with the network read of
-    the next (both release the GIL), so a download costs about the slower of
-    network and hashing instead of their sum. An error of the reader is raised
-    here, in the consumer, at the point in the stream where it happened.
-    """
-    handoff: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: bytes | BaseException | None) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        try:
-            for chunk in chunks:
-                if not put(chunk):
-                    return
-        except BaseException as exc:  # re-raised in the consumer
-            put(exc)
-            return
-        put(None)
-
-    reader = threading.Thread(target=read, name="pifarm-read-ahead", daemon=True)
-    reader.start()
-    try:
-        while (item := handoff.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        reader.join()
 
 
 class CacheError(Exception):
@@ -740,10 +692,8 @@ class ModelCache:
                 with (
                     partial.open("ab") as out,
                     source.open_model(manifest.name, manifest.version, filename, have) as chunks,
-                    # Closed first, so the reader stops before the response does.
-                    closing(_read_ahead(chunks)) as received,
                 ):
-                    self._append(received, out, digest, progress, manifest)
+                    self._append(chunks, out, digest, progress, manifest)
             progress.finish()
             self._check_download(digest, progress, manifest)
         except IntegrityError:
