@@ -6,6 +6,9 @@ SHELL := /bin/bash
 
 VENV := $(CURDIR)/.venv
 export ANSIBLE_COLLECTIONS_PATH := $(VENV)/collections
+# The venv's tools first: ansible-playbook, molecule, and pifarm-agent, which
+# publish_model.yml runs on the controller.
+export PATH := $(VENV)/bin:$(PATH)
 LOCAL_INVENTORY := inventory/local
 STAGES ?=
 
@@ -24,8 +27,13 @@ bootstrap:
 venv:
 	@scripts/testbed.sh venv
 
+# The store comes up first and gets the test model, as an operator would
+# publish theirs, so the nodes find it on their first sync.
 farm: bootstrap
+	@scripts/farm-keys.sh >/dev/null
 	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm.yml
+	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) playbooks/site.yml --limit pifarm_storage
+	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/publish_test_model.yml
 	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) playbooks/site.yml
 
 farm-down: venv
