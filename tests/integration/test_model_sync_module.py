@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from ansible.module_utils import basic
-from ansible.module_utils.testing import patch_module_args
 from ansible_collections.pifarm.inference.plugins.modules import model_sync
 from integration_helpers import (
     ACCESS_KEY,
@@ -27,33 +25,15 @@ from integration_helpers import (
     manifest_for,
     tree_state,
 )
+from module_harness import fail_module, patch_module_exits, run_module
 
 AGENT = Path(sys.executable).parent / "pifarm-agent"
-
-
-class ModuleExitError(Exception):
-    """exit_json was called; args[0] is the result."""
-
-
-class ModuleFailError(Exception):
-    """fail_json was called; args[0] is the result with msg."""
 
 
 @pytest.fixture(autouse=True)
 def warnings(monkeypatch) -> list[str]:
     """exit_json and fail_json raise; returns the list module warnings go to."""
-    seen: list[str] = []
-
-    def exit_json(self, **result):
-        raise ModuleExitError(result)
-
-    def fail_json(self, msg, **result):
-        raise ModuleFailError({"msg": msg, "failed": True, **result})
-
-    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
-    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
-    monkeypatch.setattr(basic.AnsibleModule, "warn", lambda self, warning: seen.append(warning))
-    return seen
+    return patch_module_exits(monkeypatch)
 
 
 @pytest.fixture
@@ -74,21 +54,18 @@ def base(moto, store, key_files, cache_root, tmp_path) -> dict:
     }
 
 
-def module(expected: type[Exception], **args) -> dict:
-    with patch_module_args(args), pytest.raises(expected) as exited:
-        model_sync.main()
-    result = exited.value.args[0]
+def checked(result: dict) -> dict:
     for secret in (ACCESS_KEY, SECRET_KEY):
         assert secret not in repr(result)
     return result
 
 
 def ok(**args) -> dict:
-    return module(ModuleExitError, **args)
+    return checked(run_module(model_sync, **args))
 
 
 def failed(**args) -> dict:
-    return module(ModuleFailError, **args)
+    return checked(fail_module(model_sync, **args))
 
 
 def line(version: str, sha256: str) -> str:

@@ -23,7 +23,15 @@ import minisign
 import pytest
 from minio import Minio
 from minio.error import S3Error
-from test_role_inputs import ARGSPEC, LOCALHOST, first_failed_task, recap, run_playbook, run_role
+from test_role_inputs import (
+    ARGSPEC,
+    LOCALHOST,
+    assert_refused_before_the_host,
+    first_failed_task,
+    recap,
+    run_playbook,
+    run_role,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 STORE_FILES = REPO / "roles" / "model_store" / "files"
@@ -110,12 +118,7 @@ def test_model_store_refuses_bad_input_before_touching_the_host(
     tmp_path, ansible_env, extra_vars, failing_task, named
 ):
     result = run_role("model_store", tmp_path, ansible_env, {**STORE_CREDENTIALS, **extra_vars})
-    counts = recap(result)
-    assert counts["failed"] == 1
-    assert counts["unreachable"] == 0, "the role reached the host before rejecting the input"
-    assert counts["changed"] == 0
-    assert failing_task in first_failed_task(result)
-    assert named in result.stdout
+    assert_refused_before_the_host(result, failing_task, named)
     for secret in ("Zq-shrt", "Zq has spaces"):
         assert secret not in result.stdout, "a credential was printed"
 
@@ -210,12 +213,7 @@ def test_model_cache_refuses_bad_input_before_touching_the_host(
     tmp_path, ansible_env, node_vars, override, failing_task, named
 ):
     result = run_role("model_cache", tmp_path, ansible_env, {**node_vars, **override})
-    counts = recap(result)
-    assert counts["failed"] == 1
-    assert counts["unreachable"] == 0, "the role reached the host before rejecting the input"
-    assert counts["changed"] == 0
-    assert failing_task in first_failed_task(result)
-    assert named in result.stdout
+    assert_refused_before_the_host(result, failing_task, named)
     assert "Node-secret-9e3b5c" not in result.stdout
 
 

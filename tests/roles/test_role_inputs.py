@@ -60,6 +60,19 @@ def first_failed_task(result: subprocess.CompletedProcess) -> str:
     return result.stdout[: first_failure.start()].rsplit("TASK [", 1)[1]
 
 
+def assert_refused_before_the_host(
+    result: subprocess.CompletedProcess, failing_task: str, named: str
+) -> None:
+    """The run failed at ``failing_task``, naming ``named``, before reaching or changing the host."""
+    assert result.returncode != 0
+    counts = recap(result)
+    assert counts["failed"] == 1
+    assert counts["unreachable"] == 0, "the role reached the host before rejecting the input"
+    assert counts["changed"] == 0
+    assert failing_task in first_failed_task(result)
+    assert named in result.stdout
+
+
 ARGSPEC = "Validating arguments against arg spec"
 
 
@@ -156,13 +169,7 @@ def test_bad_input_fails_before_touching_the_host(
     tmp_path, ansible_env, role, extra_vars, failing_task, named
 ):
     result = run_role(role, tmp_path, ansible_env, extra_vars)
-    assert result.returncode != 0
-    counts = recap(result)
-    assert counts["failed"] == 1
-    assert counts["unreachable"] == 0, "the role reached the host before rejecting the input"
-    assert counts["changed"] == 0
-    assert failing_task in first_failed_task(result)
-    assert named in result.stdout
+    assert_refused_before_the_host(result, failing_task, named)
 
 
 @pytest.mark.parametrize(
@@ -396,13 +403,7 @@ def test_network_bond_refuses_bad_input_before_touching_the_host(
     tmp_path, ansible_env, extra_vars, failing_task, named
 ):
     result = run_role("network_bond", tmp_path, ansible_env, {**NETWORK_BOND, **extra_vars})
-    assert result.returncode != 0
-    counts = recap(result)
-    assert counts["failed"] == 1
-    assert counts["unreachable"] == 0, "the role reached the host before rejecting the input"
-    assert counts["changed"] == 0
-    assert failing_task in first_failed_task(result)
-    assert named in result.stdout
+    assert_refused_before_the_host(result, failing_task, named)
 
 
 @pytest.mark.parametrize(

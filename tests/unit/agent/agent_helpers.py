@@ -127,3 +127,20 @@ def snapshot(root: Path) -> dict[str, tuple] | None:
         target = os.readlink(path) if path.is_symlink() else None
         tree[str(path.relative_to(root))] = (stat.st_mode, stat.st_size, stat.st_mtime_ns, target)
     return tree
+
+
+def publish(source, keypair, seed: int, version: str, size: int = 50_000) -> Artifact:
+    """Sign a blob made from ``seed`` as ``version`` and put it in the fake store ``source``."""
+    artifact = signed(keypair.secret_key, blob(seed, size), version=version)
+    source.add(artifact)
+    return artifact
+
+
+def links(cache) -> dict[str, str]:
+    """Where the model's current and previous links point (only those that exist)."""
+    directory = cache.model_dir(NAME)
+    return {
+        link: os.readlink(directory / link)
+        for link in ("current", "previous")
+        if (directory / link).is_symlink()
+    }

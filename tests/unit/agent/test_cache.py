@@ -8,7 +8,7 @@ import shutil
 from collections import namedtuple
 
 import pytest
-from agent_helpers import NAME, blob, signed
+from agent_helpers import NAME, links, publish
 
 from pifarm_agent import cache as cache_module
 from pifarm_agent.cache import (
@@ -22,21 +22,6 @@ from pifarm_agent.signing import SignatureError
 from pifarm_agent.store import StoreNotFoundError, StoreUnreachableError, TransferInterruptedError
 
 Usage = namedtuple("Usage", "total used free")
-
-
-def publish(source, keypair, seed, version):
-    artifact = signed(keypair.secret_key, blob(seed), version=version)
-    source.add(artifact)
-    return artifact
-
-
-def links(cache):
-    directory = cache.model_dir(NAME)
-    return {
-        link: os.readlink(directory / link)
-        for link in ("current", "previous")
-        if (directory / link).is_symlink()
-    }
 
 
 def test_a_sync_lays_out_a_content_addressed_entry_and_points_current_at_it(cache, source, keypair):

@@ -7,7 +7,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from agent_helpers import NAME, FakeSource, blob, signed, snapshot
+from agent_helpers import NAME, FakeSource, publish, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,12 +17,6 @@ from pifarm_agent.signing import SignatureError
 from pifarm_agent.store import StoreNotFoundError, StoreUnreachableError
 
 Usage = namedtuple("Usage", "total used free")
-
-
-def publish(source, keypair, seed, version, size=50_000):
-    artifact = signed(keypair.secret_key, blob(seed, size), version=version)
-    source.add(artifact)
-    return artifact
 
 
 def test_a_plan_on_an_empty_node_creates_nothing_and_counts_the_whole_model(cache, source, keypair):

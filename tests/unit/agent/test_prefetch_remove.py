@@ -7,27 +7,11 @@ import threading
 import time
 
 import pytest
-from agent_helpers import NAME, blob, signed, snapshot
+from agent_helpers import NAME, links, publish, snapshot
 
 from pifarm_agent.cache import CacheError, IntegrityError, VersionPolicyError
 from pifarm_agent.manifest import ManifestError
 from pifarm_agent.store import StoreUnreachableError
-
-
-def publish(source, keypair, seed, version):
-    artifact = signed(keypair.secret_key, blob(seed), version=version)
-    source.add(artifact)
-    return artifact
-
-
-def links(cache):
-    directory = cache.model_dir(NAME)
-    return {
-        link: os.readlink(directory / link)
-        for link in ("current", "previous")
-        if (directory / link).is_symlink()
-    }
-
 
 # -- prefetch (state present) -------------------------------------------------------------
 
