@@ -443,3 +443,14 @@ def test_network_bond_is_opt_in(tmp_path, ansible_env):
     assert counts["unreachable"] == 0
     assert counts["changed"] == 0
     assert "SKIPPED network_bond on pifarm-no-such-host: network_bond_enabled is false" in result.stdout
+
+
+def test_network_bond_refuses_a_member_this_host_lacks_before_any_change(tmp_path, ansible_env):
+    """network_bond in check mode on this machine: the member check reads its real links."""
+    extra_vars = {**NETWORK_BOND, "network_bond_members": ["lo", "pifarm-no-nic0"]}
+    result = run_role("network_bond", tmp_path, ansible_env, extra_vars, inventory=LOCALHOST, check=True)
+    counts = recap(result, "localhost")
+    assert counts["failed"] == 1
+    assert counts["changed"] == 0
+    assert "Assert every member exists on the host" in first_failed_task(result)
+    assert "network_bond_members names pifarm-no-nic0, which localhost does not have" in result.stdout
