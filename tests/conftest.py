@@ -12,6 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 # scripts/testbed.sh links this checkout as .venv/collections/ansible_collections/
 # pifarm/inference, so plugins import by their FQCN path as Ansible loads them.
 sys.path.insert(0, str(REPO / ".venv" / "collections"))
+# The model_store role's store on loopback, for the role tests and the artifact tests alike.
+pytest_plugins = ["store_fixtures"]
 
 
 @pytest.fixture(scope="session")
