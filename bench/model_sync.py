@@ -59,13 +59,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-# The agent package and the integration tests' helpers (moto server, counting proxy, manifest).
-sys.path[:0] = [str(REPO / "files"), str(REPO / "tests" / "integration")]
+import minisign
+import urllib3
 
-import minisign  # noqa: E402
-import urllib3  # noqa: E402
-from integration_helpers import (  # noqa: E402
+# Sorted before the checkout's other modules: it puts files/ and tests/integration on sys.path.
+from bench_common import REPO, BenchError, met, print_figures, resolve_model
+from integration_helpers import (
     ACCESS_KEY,
     BUCKET,
     SECRET_KEY,
@@ -75,10 +74,10 @@ from integration_helpers import (  # noqa: E402
     store_config,
 )
 
-from pifarm_agent.cache import ModelCache  # noqa: E402
-from pifarm_agent.progress import MB  # noqa: E402
-from pifarm_agent.signing import sign_manifest  # noqa: E402
-from pifarm_agent.store import CHUNK, ModelStore, StoreConfig, object_key  # noqa: E402
+from pifarm_agent.cache import ModelCache
+from pifarm_agent.progress import MB
+from pifarm_agent.signing import sign_manifest
+from pifarm_agent.store import CHUNK, ModelStore, StoreConfig, file_sha256, object_key
 
 NAME = "bench-model"
 EIGHTH_NAME = "bench-model-eighth"
@@ -86,44 +85,10 @@ VERSION = "1.0.0"
 RATIO_GOAL = 1.10
 RESYNC_SECONDS_GOAL = 1.0
 RSS_RATIO_GOAL = 1.10
-EXIT_FAILED = 1
 CLI_CHANGED = 2
 
 
-class BenchError(Exception):
-    """Something the benchmark relies on did not work; the figures that need it are missing."""
-
-
 # -- setup ---------------------------------------------------------------------------------
-
-
-def resolve_model(explicit: str | None) -> Path:
-    """--model, else $PIFARM_TEST_MODEL, else scripts/test-model.sh (as the integration tests do)."""
-    path = explicit or os.environ.get("PIFARM_TEST_MODEL")
-    if not path:
-        # Its pip download runs with this interpreter (the venv's), as under scripts/run-tests.sh.
-        result = subprocess.run(
-            [str(REPO / "scripts" / "test-model.sh")],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=False,
-            env=dict(os.environ, PYTHON=sys.executable),
-        )
-        if result.returncode != 0:
-            raise BenchError("scripts/test-model.sh could not provide the test model (see its output above)")
-        path = result.stdout.strip().splitlines()[-1]
-    model = Path(path)
-    if not model.is_file():
-        raise BenchError(f"model {model}: not a file")
-    return model
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def truncated_copy(model: Path, dest: Path, size: int) -> Path:
@@ -140,7 +105,7 @@ def truncated_copy(model: Path, dest: Path, size: int) -> Path:
 
 def publish(store: ModelStore, path: Path, name: str, secret_key: minisign.SecretKey) -> dict[str, Any]:
     """Sign and upload ``path`` as ``name`` 1.0.0, as the publisher does."""
-    sha256 = sha256_of(path)
+    sha256 = file_sha256(path)
     manifest = replace(manifest_for(path, VERSION, sha256), name=name)
     raw = manifest.to_json()
     result = store.publish(path, raw, sign_manifest(raw, secret_key))
@@ -439,10 +404,6 @@ def peak_rss(bench: Bench) -> dict[str, Any]:
 # -- output --------------------------------------------------------------------------------
 
 
-def met(flag: bool) -> str:
-    return "met" if flag else "NOT met"
-
-
 THROUGHPUT_HEADER = (
     "run",
     "order",
@@ -511,8 +472,6 @@ def report(figures: dict[str, Any]) -> None:
             title = f"{what} ({row['model_bytes'] / MB:.1f} MB)"
             print(f"  {title:<38} {row['peak_rss_bytes'] / MB:>7.1f} MB")
         print(f"  full / eighth {data['ratio']:.3f}, goal ≤ {data['goal']:.2f}: {met(data['goal_met'])}")
-    for failure in figures["failures"]:
-        print(f"\nFAILED {failure['phase']}: {failure['error']}", file=sys.stderr)
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -548,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path = resolve_model(args.model)
     except BenchError as exc:
         figures["failures"].append({"phase": "model", "error": str(exc)})
-        return finish(args, figures)
+        return print_figures(figures, args.json, report)
     with tempfile.TemporaryDirectory(prefix="pifarm-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
         server = MotoServer(work)
@@ -558,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # no figure can be taken without the store
             figures["failures"].append({"phase": "setup", "error": f"{type(exc).__name__}: {exc}"})
             server.stop()
-            return finish(args, figures)
+            return print_figures(figures, args.json, report)
         try:
             phases: dict[str, Callable[[], Any]] = {
                 "throughput": lambda: throughput(bench, args.runs, args.settle, args.link_mb_s),
@@ -572,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                     figures["failures"].append({"phase": name, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             server.stop()
-    return finish(args, figures)
+    return print_figures(figures, args.json, report)
 
 
 def setup(figures: dict[str, Any], model_path: Path, server: MotoServer, work: Path) -> Bench:
@@ -601,17 +560,6 @@ def setup(figures: dict[str, Any], model_path: Path, server: MotoServer, work: P
         "models": models,
     }
     return Bench(work, server, config, keypair.public_key, public_key_path, models)
-
-
-def finish(args: argparse.Namespace, figures: dict[str, Any]) -> int:
-    figures["ok"] = not figures["failures"]
-    if args.json:
-        print(json.dumps(figures, sort_keys=True))
-        for failure in figures["failures"]:
-            print(f"FAILED {failure['phase']}: {failure['error']}", file=sys.stderr)
-    else:
-        report(figures)
-    return 0 if figures["ok"] else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ this for every model the config declares (``models``), carries on past a model
 that fails, and exits 1 if any failed, else 2 if any changed, else 0.
 ``model remove NAME [--version V] [--plan]`` removes one cached version or a whole model.
 
+``pifarm-agent artifact publish|resolve|exists|fetch --bucket B --prefix llama.cpp|agent``
+handles the runtime artifacts in the store's artifacts bucket (see pifarm_agent.artifacts):
+``publish FILE [--arch A] [--info JSON] [--check]`` uploads an artifact, its sha256 and the
+index of an architecture (exit 2 when something was or, with ``--check``, would be written);
+``resolve --name N | --arch A`` and ``exists --name N`` only read (exit 0); ``fetch --name N
+--dest PATH --sha256 S`` downloads and verifies (exit 2). The builder and the nodes run
+these from Ansible with ``--config /dev/stdin --json``.
+
 Configuration comes from ``/etc/pifarm/agent.json`` (or ``--config``; a missing
 default file is fine, a missing explicit one is not), then flags override it. The
 store credentials come only from the file or the environment variables
@@ -26,7 +34,6 @@ shows flags), and are never printed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -35,11 +42,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pifarm_agent import __version__
+from pifarm_agent.artifacts import PREFIXES, Artifacts
 from pifarm_agent.cache import DEFAULT_KEEP, Entry, ModelCache, PlanResult, RemoveResult, SyncResult
 from pifarm_agent.manifest import FORMATS, NAME_RE, Manifest, ManifestError, parse_version, utc_now
 from pifarm_agent.progress import MB
 from pifarm_agent.signing import load_public_key, load_secret_key, sign_manifest, verify_manifest
-from pifarm_agent.store import DEFAULT_PART_SIZE, ModelStore, StoreConfig, parse_endpoint
+from pifarm_agent.store import DEFAULT_PART_SIZE, ModelStore, StoreConfig, file_sha256, parse_endpoint
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -201,23 +209,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(*, artifacts: bool = False) -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     group = common.add_argument_group("configuration (flags override the config file)")
     group.add_argument(
-        "--config", help=f"JSON config file (default {DEFAULT_CONFIG}, or $PIFARM_AGENT_CONFIG)"
+        "--config",
+        help=f"JSON config file (default {DEFAULT_CONFIG}, or $PIFARM_AGENT_CONFIG; /dev/stdin works)",
     )
     group.add_argument("--endpoint", help="store endpoint, host:port or http(s)://host:port")
-    group.add_argument("--bucket", help="store bucket")
+    if not artifacts:
+        group.add_argument("--bucket", help="store bucket")
     group.add_argument("--secure", action=argparse.BooleanOptionalAction, default=None, help="use HTTPS")
     group.add_argument("--ca-bundle", help="CA bundle that signs the store's certificate")
     group.add_argument("--region", help="store region (S3)")
-    group.add_argument("--public-key", help="minisign public key trusted for model manifests")
-    group.add_argument(
-        "--cache-root", help=f"cache root; models live in <root>/models (default {DEFAULT_CACHE_ROOT})"
-    )
-    group.add_argument("--reserve-mb", type=int, help="free space (MB) a download must leave (default 100)")
+    if not artifacts:
+        group.add_argument("--public-key", help="minisign public key trusted for model manifests")
+        group.add_argument(
+            "--cache-root", help=f"cache root; models live in <root>/models (default {DEFAULT_CACHE_ROOT})"
+        )
+        group.add_argument(
+            "--reserve-mb", type=int, help="free space (MB) a download must leave (default 100)"
+        )
     group.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if artifacts:
+        where = common.add_argument_group("artifacts")
+        # The config file's bucket is the models bucket: the artifacts bucket is always named.
+        where.add_argument("--bucket", required=True, help="the store's artifacts bucket")
+        where.add_argument("--prefix", required=True, choices=PREFIXES, help="the kind of artifact")
     return common
 
 
@@ -292,7 +310,39 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument(
         "--keep", type=int, help=f"versions kept, current and previous always (default {DEFAULT_KEEP})"
     )
+    _artifact_parsers(top)
     return parser
+
+
+def _artifact_parsers(top: argparse._SubParsersAction) -> None:
+    artifact = top.add_parser("artifact", help="runtime artifacts (llama.cpp, the agent's wheelhouse)")
+    commands = artifact.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    common = _common(artifacts=True)
+
+    publish = commands.add_parser(
+        "publish", parents=[common], help="upload an artifact, its sha256 and the index"
+    )
+    publish.add_argument("file", type=Path, help="the artifact, <name>.tar.gz")
+    publish.add_argument("--arch", help="also point <prefix>/<arch>.json at this artifact")
+    publish.add_argument("--info", default="{}", help="JSON object of extra index fields (BUILDINFO)")
+    publish.add_argument("--check", action="store_true", help="change nothing; report what would change")
+
+    resolve = commands.add_parser(
+        "resolve", parents=[common], help="name and sha256 of the artifact to install"
+    )
+    which = resolve.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", help="a published artifact")
+    which.add_argument("--arch", help="the artifact the index of this architecture names")
+
+    exists = commands.add_parser(
+        "exists", parents=[common], help="whether a name is published, and its sha256"
+    )
+    exists.add_argument("--name", required=True)
+
+    fetch = commands.add_parser("fetch", parents=[common], help="download and verify an artifact")
+    fetch.add_argument("--name", required=True)
+    fetch.add_argument("--dest", required=True, type=Path, help="where the verified artifact goes")
+    fetch.add_argument("--sha256", required=True, help="the expected sha256; a mismatch fails")
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -305,14 +355,6 @@ def _cache(config: AgentConfig, *, need_key: bool = True) -> ModelCache:
     return ModelCache(config.cache_root, public_key, reserve_bytes=config.reserve_mb * MB)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cmd_publish(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     path = Path(args.file)
     if not path.is_file():
@@ -323,7 +365,7 @@ def cmd_publish(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dic
         format=args.format,
         quantization=args.quantization,
         size=path.stat().st_size,
-        sha256=_sha256(path),
+        sha256=file_sha256(path),
         context_length=args.context_length,
         memory_required_mb=args.memory_required_mb,
         npu_required=args.npu_required or args.format == "hef",
@@ -584,15 +626,102 @@ def cmd_gc(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str
     return (EXIT_CHANGED if count else EXIT_OK), payload
 
 
+# -- artifact commands -------------------------------------------------------------------
+
+
+def _artifacts(config: AgentConfig) -> Artifacts:
+    return Artifacts(ModelStore(config.store_config()))
+
+
+def cmd_artifact_publish(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    if not args.file.is_file():
+        raise ConfigError(f"artifact file {args.file}: not a file")
+    try:
+        info = json.loads(args.info)
+    except ValueError as exc:
+        raise ConfigError(f"--info is not JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"--info must be a JSON object, got {type(info).__name__}")
+    result = _artifacts(config).publish(args.prefix, args.file, arch=args.arch, info=info, check=args.check)
+    would = "would be " if result.check else ""
+    verb = f"{would}uploaded" if result.uploaded else "already published"
+    message = f"artifact {result.key} ({result.sha256[:12]}) {verb}"
+    if result.index_changed:
+        message += f"; {result.index} {'would point' if result.check else 'now points'} at it"
+    payload = {
+        "status": "changed" if result.changed else "unchanged",
+        "changed": result.changed,
+        "message": message,
+        "check": result.check,
+        "name": result.name,
+        "key": result.key,
+        "sha256": result.sha256,
+        "size": result.size,
+        "uploaded": result.uploaded,
+        "index": result.index,
+        "index_changed": result.index_changed,
+    }
+    return (EXIT_CHANGED if result.changed else EXIT_OK), payload
+
+
+def cmd_artifact_resolve(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    result = _artifacts(config).resolve(args.prefix, name=args.name, arch=args.arch)
+    source = f" (the index of {args.arch})" if args.arch else ""
+    return EXIT_OK, {
+        "status": "ok",
+        "changed": False,
+        "message": f"artifact {result.key}{source}: sha256 {result.sha256}",
+        "name": result.name,
+        "key": result.key,
+        "sha256": result.sha256,
+    }
+
+
+def cmd_artifact_exists(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    artifacts = _artifacts(config)
+    sha256 = artifacts.published_sha256(args.prefix, args.name)
+    where = f"{args.prefix}/{args.name} in {artifacts.where}"
+    return EXIT_OK, {
+        "status": "ok",
+        "changed": False,
+        "message": f"{where}: sha256 {sha256}" if sha256 else f"{where}: not published",
+        "name": args.name,
+        "published": sha256 is not None,
+        "sha256": sha256,
+    }
+
+
+def cmd_artifact_fetch(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    result = _artifacts(config).fetch(args.prefix, args.name, args.dest, args.sha256)
+    return EXIT_CHANGED, {
+        "status": "changed",
+        "changed": True,
+        "message": f"artifact {result.key} fetched to {result.path}, sha256 {result.sha256} verified",
+        "name": result.name,
+        "key": result.key,
+        "sha256": result.sha256,
+        "size": result.size,
+        "path": str(result.path),
+    }
+
+
 COMMANDS = {
-    "publish": cmd_publish,
-    "sync": cmd_sync,
-    "verify": cmd_verify,
-    "activate": cmd_activate,
-    "rollback": cmd_rollback,
-    "list": cmd_list,
-    "gc": cmd_gc,
-    "remove": cmd_remove,
+    "model": {
+        "publish": cmd_publish,
+        "sync": cmd_sync,
+        "verify": cmd_verify,
+        "activate": cmd_activate,
+        "rollback": cmd_rollback,
+        "list": cmd_list,
+        "gc": cmd_gc,
+        "remove": cmd_remove,
+    },
+    "artifact": {
+        "publish": cmd_artifact_publish,
+        "resolve": cmd_artifact_resolve,
+        "exists": cmd_artifact_exists,
+        "fetch": cmd_artifact_fetch,
+    },
 }
 
 
@@ -608,7 +737,7 @@ def _emit(args: argparse.Namespace, code: int, payload: dict[str, Any], secrets:
         print(_redact(json.dumps(payload, sort_keys=True), secrets))
         return
     stream = sys.stderr if code == EXIT_FAILED else sys.stdout
-    prefix = f"pifarm-agent model {args.command}: error: " if code == EXIT_FAILED else ""
+    prefix = f"pifarm-agent {args.area} {args.command}: error: " if code == EXIT_FAILED else ""
     print(_redact(prefix + payload["message"], secrets), file=stream)
 
 
@@ -619,13 +748,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     args.json = args.json or args.json_first
-    if args.command == "sync" and args.all and args.model_version:
+    if args.area == "model" and args.command == "sync" and args.all and args.model_version:
         parser.error("model sync: --version is for one model; --all syncs the versions the config declares")
     secrets: tuple[str, ...] = ()
     try:
         config = apply_flags(load_config(args.config), args)
         secrets = config.secrets()
-        code, payload = COMMANDS[args.command](config, args)
+        code, payload = COMMANDS[args.area][args.command](config, args)
     except Exception as exc:
         # Every failure is reported, never a traceback with what the frames held.
         code, payload = EXIT_FAILED, _failure(exc)

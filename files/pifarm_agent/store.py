@@ -107,7 +107,8 @@ def _http_client(config: StoreConfig) -> urllib3.PoolManager:
     )
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in CHUNK blocks: what a manifest or an artifact's checksum records."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(CHUNK):
@@ -179,6 +180,10 @@ class ModelStore:
                 response.close()
                 response.release_conn()
 
+    def read_object(self, key: str) -> bytes:
+        """The whole object (a small one: a manifest, a checksum, an index); StoreNotFoundError if absent."""
+        return self._read(key)
+
     def _keys(self, prefix: str) -> list[str]:
         with self._errors(f"list {prefix}"):
             return [obj.object_name for obj in self.client.list_objects(self.bucket, prefix, recursive=True)]
@@ -220,17 +225,23 @@ class ModelStore:
         self, name: str, version: str, filename: str, offset: int = 0
     ) -> Iterator[Iterator[bytes]]:
         """Stream the model file from ``offset`` (an HTTP range request when > 0)."""
-        key = object_key(name, version, filename)
-        with self._errors(f"get {key} from byte {offset}"):
+        with self.open_object(object_key(name, version, filename), offset) as chunks:
+            yield chunks
+
+    @contextmanager
+    def open_object(self, key: str, offset: int = 0) -> Iterator[Iterator[bytes]]:
+        """Stream any object from ``offset``; errors while streaming are StoreErrors too."""
+        action = f"get {key} from byte {offset}" if offset else f"get {key}"
+        with self._errors(action):
             response = self.client.get_object(self.bucket, key, offset=offset)
         try:
-            yield self._chunks(response, key, offset)
+            yield self._chunks(response, action)
         finally:
             response.close()
             response.release_conn()
 
-    def _chunks(self, response: urllib3.BaseHTTPResponse, key: str, offset: int) -> Iterator[bytes]:
-        with self._errors(f"get {key} from byte {offset}"):
+    def _chunks(self, response: urllib3.BaseHTTPResponse, action: str) -> Iterator[bytes]:
+        with self._errors(action):
             yield from response.stream(CHUNK)
 
     # -- writing ---------------------------------------------------------------------
@@ -257,7 +268,7 @@ class ModelStore:
         size = model_path.stat().st_size
         if size != manifest.size:
             raise StoreError(f"publish {model_path}: file has {size} bytes, manifest says {manifest.size}")
-        digest = _file_sha256(model_path)
+        digest = file_sha256(model_path)
         if digest != manifest.sha256:
             raise StoreError(f"publish {model_path}: file sha256 {digest}, manifest says {manifest.sha256}")
         keys = tuple(
@@ -273,19 +284,20 @@ class ModelStore:
                 f"{self.bucket} with sha256 {existing.sha256}; versions are immutable, publish a new version"
             )
         model_key, signature_key, manifest_key = keys
-        with self._errors(f"put {model_key}"):
-            self.client.fput_object(
-                self.bucket, model_key, str(model_path), part_size=part_size, num_parallel_uploads=1
-            )
-        for key, data, content_type in (
-            (signature_key, signature_bytes, "text/plain"),
-            (manifest_key, manifest_bytes, "application/json"),
-        ):
-            with self._errors(f"put {key}"):
-                self.client.put_object(
-                    self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
-                )
+        self.upload_file(model_key, model_path, part_size=part_size)
+        self.put_bytes(signature_key, signature_bytes, "text/plain")
+        self.put_bytes(manifest_key, manifest_bytes, "application/json")
         return PublishResult("published", manifest, keys)
+
+    def upload_file(self, key: str, path: str | Path, *, part_size: int = DEFAULT_PART_SIZE) -> None:
+        """Upload a file as ``key``, in parts of ``part_size`` one after the other."""
+        with self._errors(f"put {key}"):
+            self.client.fput_object(self.bucket, key, str(path), part_size=part_size, num_parallel_uploads=1)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        """Upload a small object from memory."""
+        with self._errors(f"put {key}"):
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
 
     def _existing_manifest(self, name: str, version: str) -> Manifest | None:
         try:
