@@ -33,6 +33,10 @@ ensure_system_packages() {
   command -v minisign >/dev/null 2>&1 || missing+=(minisign)
   # The role tests read dpkg's package list through Ansible's apt bindings.
   /usr/bin/python3 -c 'import apt' >/dev/null 2>&1 || missing+=(python3-apt)
+  # scripts/llama-server.sh builds llama.cpp once into ~/.cache/pifarm when no
+  # artifact for its source, flags and architecture is cached there.
+  command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+  command -v g++ >/dev/null 2>&1 || missing+=(build-essential)
   if [ ${#missing[@]} -eq 0 ]; then
     return
   fi
