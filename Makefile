@@ -12,7 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 LOCAL_INVENTORY := inventory/local
 STAGES ?=
 
-.PHONY: help bootstrap venv farm farm-down test lint unit sanity molecule bench clean
+.PHONY: help bootstrap venv farm farm-down test lint unit sanity molecule bench bench-serving clean
 
 help:
 	@echo "make farm       start the local container farm and converge playbooks/site.yml"
@@ -20,6 +20,7 @@ help:
 	@echo "make test       lint, unit, sanity, collection build, molecule, farm (what CI runs)"
 	@echo "make lint | unit | sanity | molecule SCENARIO=node_base"
 	@echo "make bench      model sync figures (BENCH_ARGS=\"--runs 9 --json --link-mb-s 117\")"
+	@echo "make bench-serving  llama-server figures (SERVING_ARGS=\"--only batching --json\")"
 
 bootstrap:
 	@scripts/testbed.sh all
@@ -59,6 +60,13 @@ molecule: bootstrap
 BENCH_ARGS ?=
 bench: venv
 	@$(VENV)/bin/python bench/model_sync.py $(BENCH_ARGS)
+
+# Prints figures (serving efficiency, continuous batching, build once vs compile
+# per node); fails only when something does not run. Needs the cached llama.cpp
+# build (scripts/llama-server.sh).
+SERVING_ARGS ?=
+bench-serving: venv
+	@$(VENV)/bin/python bench/llama_serving.py $(SERVING_ARGS)
 
 clean:
 	rm -rf build
