@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,16 @@ class ResolvedArtifact:
     name: str
     key: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class SignedDownload:
+    name: str
+    key: str
+    url: str
+    headers: dict[str, str] = field(repr=False)
+    sha256_url: str
+    sha256_headers: dict[str, str] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,26 @@ class Artifacts:
             raise ArtifactError(f"{key} on {self.where} names no artifact (no string 'name')")
         _check_name(name, f"name in {key}")
         return name
+
+    def sign_download(self, prefix: str, name: str) -> SignedDownload:
+        """One signed GET each for ``name`` and its sha256, for a host without credentials or this agent.
+
+        Signed offline: nothing is asked of the store, so an unpublished name is found only
+        when the request is made (404).
+        """
+        _check_prefix(prefix)
+        _check_name(name, "name")
+        artifact_key, sum_key = artifact_keys(prefix, name)
+        url, headers = self.store.signed_get(artifact_key)
+        sha256_url, sha256_headers = self.store.signed_get(sum_key)
+        return SignedDownload(
+            name=name,
+            key=artifact_key,
+            url=url,
+            headers=headers,
+            sha256_url=sha256_url,
+            sha256_headers=sha256_headers,
+        )
 
     def fetch(self, prefix: str, name: str, dest: Path, expected_sha256: str) -> FetchedArtifact:
         """Download ``name`` to ``dest``, which appears only once its sha256 is the expected one."""

@@ -16,13 +16,16 @@ this for every model the config declares (``models``), carries on past a model
 that fails, and exits 1 if any failed, else 2 if any changed, else 0.
 ``model remove NAME [--version V] [--plan]`` removes one cached version or a whole model.
 
-``pifarm-agent artifact publish|resolve|exists|fetch --bucket B --prefix llama.cpp|agent``
+``pifarm-agent artifact publish|resolve|exists|sign-download|fetch --bucket B --prefix llama.cpp|agent``
 handles the runtime artifacts in the store's artifacts bucket (see pifarm_agent.artifacts):
 ``publish FILE [--arch A] [--info JSON] [--check]`` uploads an artifact, its sha256 and the
 index of an architecture (exit 2 when something was or, with ``--check``, would be written);
 ``resolve --name N | --arch A`` and ``exists --name N`` only read (exit 0); ``fetch --name N
---dest PATH --sha256 S`` downloads and verifies (exit 2). The builder and the nodes run
-these from Ansible with ``--config /dev/stdin --json``.
+--dest PATH --sha256 S`` downloads and verifies (exit 2). ``sign-download --name N``
+signs, without asking the store, one GET each for an artifact and its sha256 (URL and
+headers) that a host without this agent can make: the controller hands them to nodes that
+install the agent itself. The
+builder, the nodes and the controller run these from Ansible with ``--config /dev/stdin --json``.
 
 Configuration comes from ``/etc/pifarm/agent.json`` (or ``--config``; a missing
 default file is fine, a missing explicit one is not), then flags override it. The
@@ -338,6 +341,11 @@ def _artifact_parsers(top: argparse._SubParsersAction) -> None:
         "exists", parents=[common], help="whether a name is published, and its sha256"
     )
     exists.add_argument("--name", required=True)
+
+    sign = commands.add_parser(
+        "sign-download", parents=[common], help="signed GETs of an artifact and its sha256, made offline"
+    )
+    sign.add_argument("--name", required=True)
 
     fetch = commands.add_parser("fetch", parents=[common], help="download and verify an artifact")
     fetch.add_argument("--name", required=True)
@@ -691,6 +699,21 @@ def cmd_artifact_exists(config: AgentConfig, args: argparse.Namespace) -> tuple[
     }
 
 
+def cmd_artifact_sign_download(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    result = _artifacts(config).sign_download(args.prefix, args.name)
+    return EXIT_OK, {
+        "status": "ok",
+        "changed": False,
+        "message": f"signed GET requests for {result.key} and its sha256 (valid for the store's clock skew)",
+        "name": result.name,
+        "key": result.key,
+        "url": result.url,
+        "headers": result.headers,
+        "sha256_url": result.sha256_url,
+        "sha256_headers": result.sha256_headers,
+    }
+
+
 def cmd_artifact_fetch(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     result = _artifacts(config).fetch(args.prefix, args.name, args.dest, args.sha256)
     return EXIT_CHANGED, {
@@ -720,6 +743,7 @@ COMMANDS = {
         "publish": cmd_artifact_publish,
         "resolve": cmd_artifact_resolve,
         "exists": cmd_artifact_exists,
+        "sign-download": cmd_artifact_sign_download,
         "fetch": cmd_artifact_fetch,
     },
 }
@@ -754,6 +778,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = apply_flags(load_config(args.config), args)
         secrets = config.secrets()
+        if (args.area, args.command) == ("artifact", "sign-download"):
+            # A signed request names the access key's id by design (Credential=...); the
+            # secret key, which signs it, never leaves.
+            secrets = tuple(secret for secret in secrets if secret != config.access_key)
         code, payload = COMMANDS[args.area][args.command](config, args)
     except Exception as exc:
         # Every failure is reported, never a traceback with what the frames held.

@@ -24,12 +24,18 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.credentials import Credentials
 from minio.error import MinioException, S3Error
+from minio.helpers import sha256_hash
+from minio.signer import sign_v4_s3
+from minio.time import to_amz_date
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
 
@@ -219,6 +225,37 @@ class ModelStore:
         manifest = self._read(object_key(name, version, MANIFEST))
         signature = self._read(object_key(name, version, SIGNATURE))
         return manifest, signature
+
+    def signed_get(self, key: str) -> tuple[str, dict[str, str]]:
+        """The URL of ``key`` and the headers that authorise one GET of it, signed here, offline.
+
+        What a host without credentials or an S3 client needs to download one object. The
+        store accepts the signature within its clock-skew window (15 minutes for S3 and MinIO)
+        of now. A header signature rather than a presigned URL: the test store (moto, IAM
+        enforced) checks only the Authorization header. Without a region the client would ask
+        the store for it, so one is required.
+        """
+        if not self.config.region:
+            raise StoreError(f"sign GET {key}: the store's region is not set (MinIO's default is us-east-1)")
+        scheme = "https" if self.config.secure else "http"
+        url = urlsplit(f"{scheme}://{self.config.endpoint}/{self.bucket}/{quote(key)}")
+        date = datetime.now(UTC)
+        content_sha256 = sha256_hash(b"")
+        headers = sign_v4_s3(
+            method="GET",
+            url=url,
+            region=self.config.region,
+            headers={
+                "Host": url.netloc,
+                "x-amz-content-sha256": content_sha256,
+                "x-amz-date": to_amz_date(date),
+            },
+            credentials=Credentials(self.config.access_key, self.config.secret_key),
+            content_sha256=content_sha256,
+            date=date,
+        )
+        # The HTTP client sends Host from the URL itself.
+        return urlunsplit(url), {name: str(value) for name, value in headers.items() if name != "Host"}
 
     @contextmanager
     def open_model(

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import urllib3
 
 # The IAM-enforced store (the set_up_store fixture) and its credentials are the role tests' own,
 # from tests/store_fixtures.py: one definition of the users, their policies and the buckets.
@@ -165,3 +166,35 @@ def test_resolve_names_the_missing_index(published):
     assert rc == EXIT_FAILED
     assert "llama.cpp/riscv64.json is missing" in answer["message"]
     assert "run the runtime_builder role" in answer["message"]
+
+
+def test_signed_downloads_let_a_host_without_credentials_download(published):
+    """What model_cache does: the controller signs offline, the node GETs with no key and no agent."""
+    node = {**published["node"], "region": "us-east-1"}
+    rc, signed, output = artifact(node, "sign-download", "llama.cpp", "--name", NAME)
+    assert rc == EXIT_OK, output
+    assert signed["key"] == f"llama.cpp/{NAME}.tar.gz"
+    assert published["node"]["secret_key"] not in output
+    # The signature names the key's id (that is how S3 checks it), so the answer must not redact it.
+    assert node["access_key"] in signed["headers"]["Authorization"]
+    got = urllib3.request("GET", signed["url"], headers=signed["headers"])
+    assert got.status == 200, got.data[:300]
+    assert got.data == published["tarball"].read_bytes()
+    line = urllib3.request("GET", signed["sha256_url"], headers=signed["sha256_headers"]).data.decode()
+    assert line == f"{published['sha256']}  {NAME}.tar.gz\n"
+    # Signed for one object: the same headers do not open another.
+    assert urllib3.request("GET", signed["sha256_url"], headers=signed["headers"]).status == 403
+
+
+def test_sign_download_names_an_unpublished_artifact_only_when_used(published):
+    node = {**published["node"], "region": "us-east-1"}
+    rc, signed, output = artifact(node, "sign-download", "agent", "--name", "pifarm-agent-9.9.9-x86_64")
+    assert rc == EXIT_OK, output
+    assert urllib3.request("GET", signed["sha256_url"], headers=signed["sha256_headers"]).status == 404
+
+
+def test_sign_download_needs_the_region_to_sign_offline(published):
+    rc, answer, output = artifact(published["node"], "sign-download", "llama.cpp", "--name", NAME)
+    assert rc == EXIT_FAILED, output
+    assert "the store's region is not set" in answer["message"]
+    assert "headers" not in answer
