@@ -16,8 +16,19 @@ export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0 NO_COLOR=1
 logs="$repo/build/logs"
 mkdir -p "$logs"
 # Every molecule scenario is a stage of its own, found by its molecule.yml.
+# Scenarios that converge runtime_builder use the llama.cpp build, as do
+# pytest and the farm: they run after the llama-build stage, the others before.
 mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
-all_stages=(yamllint ansible-lint ruff shellcheck llama-build pytest sanity collection "${scenarios[@]/#/molecule-}" farm)
+early_scenarios=() build_scenarios=()
+for scenario in "${scenarios[@]}"; do
+  if grep -qs runtime_builder "molecule/$scenario"/*.yml; then
+    build_scenarios+=("molecule-$scenario")
+  else
+    early_scenarios+=("molecule-$scenario")
+  fi
+done
+all_stages=(yamllint ansible-lint ruff shellcheck sanity collection "${early_scenarios[@]}"
+  llama-build pytest "${build_scenarios[@]}" farm)
 
 stage_yamllint() { yamllint -s .; }
 stage_ansible-lint() { ansible-lint; }
@@ -26,7 +37,22 @@ stage_shellcheck() { git ls-files -co --exclude-standard -z -- '*.sh' .ci/run 'm
 # llama.cpp for the tests that run llama-server and for the builder in
 # molecule and the farm: built once per source, flags and architecture into
 # ~/.cache/pifarm (about 15 min on 2 cores), a verified reuse (1 s) after that.
-stage_llama-build() { PIFARM_BUILD_JOBS=$(nproc) scripts/llama-server.sh; }
+# When earlier stages run first, the build starts with them in the background
+# at low priority, using the core the mostly single-threaded lint, sanity and
+# molecule stages leave idle; the stage then waits for it.
+build_llama() { PIFARM_BUILD_JOBS=$(nproc) scripts/llama-server.sh; }
+llama_build_pid=
+stage_llama-build() {
+  if [ -z "$llama_build_pid" ]; then
+    build_llama
+    return
+  fi
+  local rc=0
+  wait "$llama_build_pid" || rc=$?
+  cat "$logs/llama-build-background.log"
+  echo "background build: $(($(date +%s) - llama_build_start)) s since it started with the first stage"
+  return $rc
+}
 stage_pytest() { pytest --junitxml="$repo/build/pytest.xml"; }
 stage_sanity() { scripts/sanity.sh; }
 
@@ -86,6 +112,11 @@ PY
 
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
+if [ ${#stages[@]} -gt 1 ] && [ "${stages[0]}" != llama-build ] && [[ " ${stages[*]} " == *" llama-build "* ]]; then
+  llama_build_start=$(date +%s)
+  nice -n 15 bash -c "$(declare -f build_llama); build_llama" >"$logs/llama-build-background.log" 2>&1 &
+  llama_build_pid=$!
+fi
 passed=0
 failed=0
 failed_stages=()
