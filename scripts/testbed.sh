@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares this machine to run the pifarm test bed, idempotently and from
 # nothing (a fresh Debian 12 host, as root):
-#   - Debian's docker engine, debootstrap and python3-venv when missing;
+#   - Debian's docker engine, debootstrap, python3-venv and nats-server (its service
+#     disabled) when missing;
 #   - dockerd running (started here when nothing else runs it);
 #   - the systemd base image (scripts/build-image.sh; cached by recipe hash);
 #   - the Python venv .venv/ with the pinned tooling and the node agent;
@@ -37,6 +38,8 @@ ensure_system_packages() {
   # artifact for its source, flags and architecture is cached there.
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   command -v g++ >/dev/null 2>&1 || missing+=(build-essential)
+  # The job tests (tests/integration/test_jobs.py) run real nats-servers with JetStream.
+  [ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
   if [ ${#missing[@]} -eq 0 ]; then
     return
   fi
@@ -44,6 +47,20 @@ ensure_system_packages() {
   log "installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [[ " ${missing[*]} " == *" nats-server "* ]]; then
+    disable_packaged_nats
+  fi
+}
+
+disable_packaged_nats() {
+  # Debian's package enables nats-server.service on 4222; the tests start their own servers
+  # on free ports, and a test host should not serve NATS to anyone.
+  log "disabling the packaged nats-server.service"
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now nats-server.service >/dev/null 2>&1 || true
+  else
+    systemctl disable nats-server.service >/dev/null 2>&1 || true
+  fi
 }
 
 ensure_dockerd() {

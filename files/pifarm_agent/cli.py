@@ -27,6 +27,21 @@ headers) that a host without this agent can make: the controller hands them to n
 install the agent itself. The
 builder, the nodes and the controller run these from Ansible with ``--config /dev/stdin --json``.
 
+``pifarm-agent job declare|worker|submit|dead`` is the job queue on NATS JetStream (see
+pifarm_agent.jobs for the names and messages, pifarm_agent.worker for the worker). Its
+connection settings never come from flags: ``--settings FILE`` (default: stdin) holds
+``{"nats": {"servers": [...], "user": ..., "password": ...}}``, the worker's ``--config FILE``
+the same ``nats`` object:
+
+* ``declare [--check]``: the settings also hold ``models`` and the stream and consumer
+  limits; creates or updates the streams and one consumer per model (exit 2 when something
+  changed or, with ``--check``, would change; 0 when all is as declared);
+* ``worker --config FILE``: runs until SIGTERM/SIGINT, then exits 0;
+* ``submit --model M --prompt P [--n-predict N] [--id ID] [--timeout S] [--no-wait]``:
+  exit 0 with the result (or, with ``--no-wait``, the stream's ack); 1 when no result came
+  within the timeout;
+* ``dead --model M [--limit N]``: lists the model's dead letters (exit 0).
+
 Configuration comes from ``/etc/pifarm/agent.json`` (or ``--config``; a missing
 default file is fine, a missing explicit one is not), then flags override it. The
 store credentials come only from the file or the environment variables
@@ -37,6 +52,7 @@ shows flags), and are never printed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -47,10 +63,24 @@ from typing import Any, NoReturn
 from pifarm_agent import __version__
 from pifarm_agent.artifacts import PREFIXES, Artifacts
 from pifarm_agent.cache import DEFAULT_KEEP, Entry, ModelCache, PlanResult, RemoveResult, SyncResult
+from pifarm_agent.jobs import (
+    JOB_ID_RE,
+    MAX_MODEL_NAME,
+    MAX_N_PREDICT,
+    DeclareSettings,
+    Job,
+    WorkerConfig,
+    connection_settings,
+    dead_letters,
+    declare,
+    new_job_id,
+    submit,
+)
 from pifarm_agent.manifest import FORMATS, NAME_RE, Manifest, ManifestError, parse_version, utc_now
 from pifarm_agent.progress import MB
 from pifarm_agent.signing import load_public_key, load_secret_key, sign_manifest, verify_manifest
 from pifarm_agent.store import DEFAULT_PART_SIZE, ModelStore, StoreConfig, file_sha256, parse_endpoint
+from pifarm_agent.worker import run_worker
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -314,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=int, help=f"versions kept, current and previous always (default {DEFAULT_KEEP})"
     )
     _artifact_parsers(top)
+    _job_parsers(top)
     return parser
 
 
@@ -351,6 +382,45 @@ def _artifact_parsers(top: argparse._SubParsersAction) -> None:
     fetch.add_argument("--name", required=True)
     fetch.add_argument("--dest", required=True, type=Path, help="where the verified artifact goes")
     fetch.add_argument("--sha256", required=True, help="the expected sha256; a mismatch fails")
+
+
+def _job_parsers(top: argparse._SubParsersAction) -> None:
+    job = top.add_parser("job", help="the job queue (NATS JetStream): declare, worker, submit, dead")
+    commands = job.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    output = _Parser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    settings = _Parser(add_help=False)
+    settings.add_argument(
+        "--settings",
+        default="-",
+        help='JSON settings file with {"nats": {"servers", "user", "password"}, ...}; - (default) is stdin',
+    )
+
+    declare = commands.add_parser(
+        "declare", parents=[output, settings], help="create or update the streams and one consumer per model"
+    )
+    declare.add_argument("--check", action="store_true", help="change nothing; report what would change")
+
+    worker = commands.add_parser("worker", parents=[output], help="run jobs on the local llama-server")
+    worker.add_argument("--config", required=True, help="the worker's JSON config file")
+
+    submit = commands.add_parser(
+        "submit", parents=[output, settings], help="enqueue a job, wait for its result"
+    )
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument("--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    submit.add_argument("--id", dest="job_id", help="the job id, also its dedup key (default: a new UUID)")
+    submit.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the result (default 120)"
+    )
+    submit.add_argument(
+        "--no-wait", action="store_true", help="only enqueue; print the id and the stream's ack"
+    )
+
+    dead = commands.add_parser("dead", parents=[output, settings], help="list the dead letters of a model")
+    dead.add_argument("--model", required=True)
+    dead.add_argument("--limit", type=int, default=100, help="at most this many, oldest first (default 100)")
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -728,6 +798,97 @@ def cmd_artifact_fetch(config: AgentConfig, args: argparse.Namespace) -> tuple[i
     }
 
 
+# -- job commands ------------------------------------------------------------------------
+
+
+def _job_settings(path: str) -> Any:
+    if path == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ConfigError("settings: expected JSON on stdin (or --settings FILE)")
+        where, text = "settings on stdin", sys.stdin.read()
+    else:
+        where = f"settings file {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not JSON ({exc})") from None
+
+
+def cmd_job_declare(args: argparse.Namespace, secrets: list[str]) -> tuple[int, dict[str, Any]]:
+    settings = DeclareSettings.parse(_job_settings(args.settings))
+    secrets.extend(settings.nats.secrets())
+    payload = asyncio.run(declare(settings, check=args.check))
+    return (EXIT_CHANGED if payload["changed"] else EXIT_OK), payload
+
+
+def cmd_job_worker(args: argparse.Namespace, secrets: list[str]) -> tuple[int, dict[str, Any]]:
+    path = Path(args.config)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"worker config {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"worker config {path}: not JSON ({exc})") from None
+    config = WorkerConfig.parse(data, f"worker config {path}")
+    secrets.extend(config.secrets())
+    return EXIT_OK, run_worker(config)
+
+
+def cmd_job_submit(args: argparse.Namespace, secrets: list[str]) -> tuple[int, dict[str, Any]]:
+    settings = connection_settings(_job_settings(args.settings))
+    secrets.extend(settings.secrets())
+    job = Job(id=args.job_id or new_job_id(), model=args.model, prompt=args.prompt, n_predict=args.n_predict)
+    payload = asyncio.run(submit(settings, job, wait=not args.no_wait, timeout=args.timeout))
+    return EXIT_OK, {"status": "queued" if args.no_wait else "answered", "changed": False, **payload}
+
+
+def cmd_job_dead(args: argparse.Namespace, secrets: list[str]) -> tuple[int, dict[str, Any]]:
+    settings = connection_settings(_job_settings(args.settings))
+    secrets.extend(settings.secrets())
+    payload = asyncio.run(dead_letters(settings, args.model, limit=args.limit))
+    return EXIT_OK, {"status": "ok", "changed": False, **payload}
+
+
+JOB_COMMANDS = {
+    "declare": cmd_job_declare,
+    "worker": cmd_job_worker,
+    "submit": cmd_job_submit,
+    "dead": cmd_job_dead,
+}
+
+
+def _check_job_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "submit":
+        if args.job_id is not None and not JOB_ID_RE.fullmatch(args.job_id):
+            parser.error("job submit: --id must be 1-128 characters of [A-Za-z0-9_-] (it becomes a subject)")
+        if not 1 <= args.n_predict <= MAX_N_PREDICT:
+            parser.error(f"job submit: --n-predict must be from 1 to {MAX_N_PREDICT}")
+        if args.timeout <= 0:
+            parser.error("job submit: --timeout must be > 0 seconds")
+        if not args.prompt:
+            parser.error("job submit: --prompt must not be empty")
+    if args.command == "dead" and args.limit < 1:
+        parser.error("job dead: --limit must be at least 1")
+    model = getattr(args, "model", None)
+    if model is not None and (not model or len(model) > MAX_MODEL_NAME or any(c.isspace() for c in model)):
+        parser.error(f"job {args.command}: --model must be 1-{MAX_MODEL_NAME} characters, no spaces")
+
+
+def run_job_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _check_job_flags(parser, args)
+    secrets: list[str] = []
+    try:
+        code, payload = JOB_COMMANDS[args.command](args, secrets)
+    except Exception as exc:
+        code, payload = EXIT_FAILED, _failure(exc)
+    _emit(args, code, payload, tuple(secrets))
+    return code
+
+
 COMMANDS = {
     "model": {
         "publish": cmd_publish,
@@ -772,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     args.json = args.json or args.json_first
+    if args.area == "job":
+        return run_job_command(parser, args)
     if args.area == "model" and args.command == "sync" and args.all and args.model_version:
         parser.error("model sync: --version is for one model; --all syncs the versions the config declares")
     secrets: tuple[str, ...] = ()
