@@ -12,11 +12,12 @@ export PATH := $(VENV)/bin:$(PATH)
 LOCAL_INVENTORY := inventory/local
 STAGES ?=
 
-.PHONY: help bootstrap venv farm farm-down test lint unit sanity molecule bench bench-serving clean
+.PHONY: help bootstrap venv farm farm-down prompt test lint unit sanity molecule bench bench-serving clean
 
 help:
 	@echo "make farm       start the local container farm and converge playbooks/site.yml"
 	@echo "make farm-down  remove the local farm's containers and network"
+	@echo "make prompt PROMPT=\"...\"  ask the running farm through HAProxy and as a NATS job"
 	@echo "make test       lint, unit, sanity, collection build, molecule, farm (what CI runs)"
 	@echo "make lint | unit | sanity | molecule SCENARIO=node_base"
 	@echo "make bench      model sync figures (BENCH_ARGS=\"--runs 9 --json --link-mb-s 117\")"
@@ -36,6 +37,13 @@ farm: bootstrap
 	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) playbooks/site.yml --limit pifarm_storage
 	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/publish_test_model.yml
 	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) playbooks/site.yml
+	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_answer.yml
+
+# Ask the running local farm: once through HAProxy, once as a NATS job.
+PROMPT ?= Name the largest planet of the solar system.
+prompt: export PIFARM_PROMPT = $(PROMPT)
+prompt: venv
+	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_answer.yml
 
 farm-down: venv
 	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_down.yml
