@@ -370,7 +370,7 @@ class Worker:
     async def _serve(self, model: WorkerModel) -> None:
         state = await self._bind(model)
         if state is not None:
-            await asyncio.gather(*(self._slot(model, state) for _ in range(model.slots)))
+            await asyncio.gather(*(self._slot(model, state) for _slot in range(model.slots)))
 
     async def _slot(self, model: WorkerModel, state: ConsumerState) -> None:
         """One slot: pull one job when idle, run it, again. A pull of one returns as soon as a job

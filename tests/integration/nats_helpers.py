@@ -296,7 +296,7 @@ class WorkerProcess:
         self.process.send_signal(signum)
 
     def wait(self, timeout: float) -> tuple[int, dict[str, Any]]:
-        stdout, _ = self.process.communicate(timeout=timeout)
+        stdout, _stderr = self.process.communicate(timeout=timeout)
         try:
             answer = json.loads(stdout)
         except ValueError:
