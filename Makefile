@@ -12,16 +12,18 @@ export PATH := $(VENV)/bin:$(PATH)
 LOCAL_INVENTORY := inventory/local
 STAGES ?=
 
-.PHONY: help bootstrap venv farm farm-down prompt test lint unit sanity molecule bench bench-serving clean
+.PHONY: help bootstrap venv farm farm-down prompt test lint unit sanity molecule bench bench-serving bench-gateway clean
 
 help:
 	@echo "make farm       start the local container farm and converge playbooks/site.yml"
 	@echo "make farm-down  remove the local farm's containers and network"
 	@echo "make prompt PROMPT=\"...\"  ask the running farm through HAProxy and as a NATS job"
-	@echo "make test       lint, unit, sanity, collection build, molecule, farm (what CI runs)"
+	@echo "make test       lint, unit, sanity, collection build, molecule incl. the farm (what CI runs;"
+	@echo "                it replaces a running local farm and removes it at the end)"
 	@echo "make lint | unit | sanity | molecule SCENARIO=node_base"
 	@echo "make bench      model sync figures (BENCH_ARGS=\"--runs 9 --json --link-mb-s 117\")"
 	@echo "make bench-serving  llama-server figures (SERVING_ARGS=\"--only batching --json\")"
+	@echo "make bench-gateway  HAProxy and NATS overhead on the running farm (GATEWAY_ARGS=\"--rounds 80\")"
 
 bootstrap:
 	@scripts/testbed.sh all
@@ -75,6 +77,12 @@ bench: venv
 SERVING_ARGS ?=
 bench-serving: venv
 	@$(VENV)/bin/python bench/llama_serving.py $(SERVING_ARGS)
+
+# Prints figures (HAProxy's added latency and tok/s ratio, NATS job round trip
+# vs HTTP) on the farm `make farm` started; fails only when something does not answer.
+GATEWAY_ARGS ?=
+bench-gateway: venv
+	@$(VENV)/bin/python bench/gateway.py $(GATEWAY_ARGS)
 
 clean:
 	rm -rf build

@@ -16,19 +16,20 @@ export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0 NO_COLOR=1
 logs="$repo/build/logs"
 mkdir -p "$logs"
 # Every molecule scenario is a stage of its own, found by its molecule.yml.
-# Scenarios that converge runtime_builder use the llama.cpp build, as do
-# pytest and the farm: they run after the llama-build stage, the others before.
+# Scenarios that converge runtime_builder (directly or through the site
+# playbook, as `default`, the farm, does) use the llama.cpp build, as does
+# pytest: they run after the llama-build stage, the others before.
 mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
 early_scenarios=() build_scenarios=()
 for scenario in "${scenarios[@]}"; do
-  if grep -qs runtime_builder "molecule/$scenario"/*.yml; then
+  if grep -qs -e runtime_builder -e playbooks/site.yml "molecule/$scenario"/*.yml; then
     build_scenarios+=("molecule-$scenario")
   else
     early_scenarios+=("molecule-$scenario")
   fi
 done
 all_stages=(yamllint ansible-lint ruff shellcheck sanity collection "${early_scenarios[@]}"
-  llama-build pytest "${build_scenarios[@]}" farm)
+  llama-build pytest "${build_scenarios[@]}")
 
 stage_yamllint() { yamllint -s .; }
 stage_ansible-lint() { ansible-lint; }
@@ -73,24 +74,6 @@ stage_collection() {
 }
 
 run_molecule() { molecule test -s "$1"; }
-
-stage_farm() {
-  # The local farm converges, and a second run of the site playbook changes
-  # nothing on any host. A farm that was already up is left running.
-  local had_farm=0 rc=0
-  docker container inspect storage1 >/dev/null 2>&1 && had_farm=1
-  make --no-print-directory farm || rc=1
-  if [ $rc -eq 0 ]; then
-    ansible-playbook -i inventory/local playbooks/site.yml | tee "$logs/farm-second-run.log" || rc=1
-    if grep -Eq 'changed=[1-9]' "$logs/farm-second-run.log"; then
-      echo "second site run changed something (not idempotent):"
-      grep -E 'changed:|changed=' "$logs/farm-second-run.log"
-      rc=1
-    fi
-  fi
-  [ $had_farm -eq 1 ] || make --no-print-directory farm-down >/dev/null || rc=1
-  return $rc
-}
 
 junit_counts() {
   # prints "passed failed" from pytest's junit report
@@ -147,6 +130,8 @@ for stage in "${stages[@]}"; do
     failed=$((failed + 1))
     printf 'FAIL %ds (log: %s)\n' "$secs" "${log#"$repo"/}"
   fi
+  # The measurements' figures (pytest's and the farm verify's) in the summary.
+  grep -o '\[figures\].*' "$log" | sed -e "s/['\"]*\$//" -e 's/^/    /'
   if [ $rc -ne 0 ]; then
     failed_stages+=("$stage")
     tail -n 40 "$log" | sed 's/^/    | /'

@@ -1,0 +1,580 @@
+"""Measures the running farm's front door (HAProxy) and job router (NATS) from the controller.
+
+verify.yml runs it with one argument: a JSON settings file (mode 0600, credentials
+included) naming the gateway's URLs, the nodes and their llama-server instances, the
+offload pool's container and the NATS users. The nodes' services are stopped and started
+with ``docker exec ... systemctl``, as an operator or a crash would. Each case prints
+``[figures]`` lines; the exit status is 1 when any case failed, with the reasons last.
+Nothing here asserts a duration: times are printed, only outcomes are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats
+import requests
+
+from pifarm_agent.jobs import DEAD_PREFIX, RESULTS_PREFIX, names
+
+SHORT_PROMPT = "The capital of France is"
+# About 3000 tokens: above the 1024-token context of one slot.
+LONG_PROMPT = "word " * 3000
+HTTP_TIMEOUT = 120
+
+failures: list[str] = []
+
+
+def figure(text: str) -> None:
+    print(f"[figures] {text}", flush=True)
+
+
+def expect(ok: bool, what: str) -> None:
+    if not ok:
+        failures.append(what)
+        print(f"FAILED: {what}", flush=True)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    server: str
+    seconds: float
+    body: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class EdgeServer:
+    node: str
+    instance: str
+    model: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.node}_{self.instance}"
+
+    @property
+    def unit(self) -> str:
+        return f"pifarm-llama@{self.instance}.service"
+
+
+def edge_backend(model: str) -> str:
+    return "edge_" + re.sub(r"[^A-Za-z0-9_-]", "_", model)
+
+
+class Farm:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        gateway = settings["gateway"]
+        self.url = gateway["url"]
+        self.stats_url = gateway["stats_url"]
+        self.stats_auth = (gateway["stats_user"], gateway["stats_password"])
+        self.timeout_queue = gateway["timeout_queue"]
+        self.timeout_http_request = gateway["timeout_http_request"]
+        self.max_body_bytes = gateway["max_body_bytes"]
+        self.servers = [
+            EdgeServer(node, instance["name"], instance["model"])
+            for node, instances in settings["nodes"].items()
+            for instance in instances
+        ]
+        self.model = self.servers[0].model
+        self.servers = [server for server in self.servers if server.model == self.model]
+        self.backend = edge_backend(self.model)
+        self.slots = sum(
+            instance.get("slots", 1)
+            for instances in settings["nodes"].values()
+            for instance in instances
+            if instance["model"] == self.model
+        )
+
+    # --- the gateway -------------------------------------------------------
+    def complete(
+        self, prompt: str = SHORT_PROMPT, n_predict: int = 4, headers: dict | None = None, **extra
+    ) -> Answer:
+        body = {"model": self.model, "prompt": prompt, "n_predict": n_predict, **extra}
+        return self.post(json.dumps(body).encode(), headers)
+
+    def post(self, data: bytes, headers: dict | None = None, path: str = "/completion") -> Answer:
+        started = time.monotonic()
+        try:
+            response = requests.post(
+                self.url + path,
+                data=data,
+                headers={"Content-Type": "application/json", **(headers or {})},
+                timeout=HTTP_TIMEOUT,
+            )
+        except requests.RequestException as exc:
+            return Answer(0, f"client error: {type(exc).__name__}", time.monotonic() - started, None)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        return Answer(
+            response.status_code,
+            response.headers.get("X-Pifarm-Server", ""),
+            time.monotonic() - started,
+            body,
+        )
+
+    def stats(self) -> dict[tuple[str, str], dict[str, str]]:
+        response = requests.get(self.stats_url, auth=self.stats_auth, timeout=10)
+        response.raise_for_status()
+        rows = csv.DictReader(io.StringIO(response.text.lstrip("# ")))
+        return {(row["pxname"], row["svname"]): row for row in rows}
+
+    def status(self, backend: str, server: str) -> str:
+        return self.stats()[(backend, server)]["status"]
+
+    def wait_status(self, backend: str, server: str, wanted: str, timeout: float = 60) -> float:
+        """Seconds until HAProxy shows the server in the wanted state (its checks, not ours)."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.status(backend, server) == wanted:
+                return time.monotonic() - started
+            time.sleep(0.2)
+        raise AssertionError(
+            f"{backend}/{server} not {wanted} after {timeout:.0f} s (is {self.status(backend, server)})"
+        )
+
+    # --- the hosts -----------------------------------------------------------
+    @staticmethod
+    def docker(*argv: str) -> str:
+        done = subprocess.run(["docker", *argv], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise AssertionError(f"docker {' '.join(argv)}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def systemctl(self, node: str, *argv: str) -> str:
+        return self.docker("exec", node, "systemctl", *argv)
+
+    def service_state(self) -> dict[str, str]:
+        """MainPID and NRestarts of every llama-server: a crash or restart changes them."""
+        return {
+            server.name: self.systemctl(
+                server.node, "show", "-p", "MainPID", "-p", "NRestarts", "--value", server.unit
+            ).replace("\n", "/")
+            for server in self.servers
+        }
+
+    def all_edge_up(self) -> None:
+        for server in self.servers:
+            self.wait_status(self.backend, server.name, "UP")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+# --- the cases ---------------------------------------------------------------
+def case_spread(farm: Farm) -> None:
+    answers = [farm.complete() for _ in range(16)]
+    statuses = Counter(answer.status for answer in answers)
+    servers = Counter(answer.server for answer in answers)
+    figure(f"spread: 16 requests through HAProxy, statuses {dict(statuses)}, servers {dict(servers)}")
+    expect(statuses == Counter({200: 16}), f"spread: every request answered 200, got {dict(statuses)}")
+    expected = {f"{farm.backend}/{server.name}" for server in farm.servers}
+    expect(
+        set(servers) == expected, f"spread: answered by {sorted(servers)}, expected all of {sorted(expected)}"
+    )
+    text = answers[0].body.get("content", "") if answers[0].body else ""
+    expect(bool(text.strip()), "spread: the answer has text")
+
+
+def oversize_request(farm: Farm) -> int:
+    """Sends a body above the limit while reading the answer: HAProxy answers before taking it all."""
+    parts = urlsplit(farm.url)
+    body = b'{"prompt": "' + b"a" * (farm.max_body_bytes + 100_000) + b'"}'
+    head = (
+        f"POST /completion HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sender = threading.Thread(target=_send_ignoring_reset, args=(sock, head + body), daemon=True)
+        sender.start()
+        first = sock.makefile("rb").readline().decode(errors="replace")
+    match = re.match(r"HTTP/1\.[01] (\d{3})", first)
+    return int(match.group(1)) if match else 0
+
+
+def _send_ignoring_reset(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def case_bad_requests(farm: Farm) -> None:
+    before = farm.service_state()
+    cases: dict[str, Callable[[], int]] = {
+        "malformed JSON": lambda: farm.post(b'{"prompt": "hi", "n_predict": ').status,
+        "oversize body": lambda: oversize_request(farm),
+        "prompt longer than the context": lambda: farm.complete(LONG_PROMPT).status,
+        "negative n_predict": lambda: farm.complete(n_predict=-5).status,
+    }
+    all_statuses: Counter[int] = Counter()
+    for label, send in cases.items():
+        statuses = Counter(send() for _ in range(3))
+        all_statuses.update(statuses)
+        figure(f"bad request, {label}: statuses {dict(statuses)}")
+        expect(
+            all(400 <= status < 500 for status in statuses), f"{label}: 4xx expected, got {dict(statuses)}"
+        )
+    after = farm.service_state()
+    server_errors = sum(count for status, count in all_statuses.items() if status >= 500 or status == 0)
+    figure(
+        f"bad requests: {sum(all_statuses.values())} sent,"
+        f" 4xx {sum(c for s, c in all_statuses.items() if 400 <= s < 500)},"
+        f" 5xx {server_errors}, llama-server restarts {sum(before[k] != after[k] for k in before)}"
+    )
+    expect(before == after, f"bad requests restarted a llama-server: {before} -> {after}")
+    expect(farm.complete().status == 200, "a normal request after the bad ones")
+
+
+def slow_client(farm: Farm, results: list[tuple[int, float]]) -> None:
+    """A slowloris client: the request head one header a second, never finished."""
+    parts = urlsplit(farm.url)
+    started = time.monotonic()
+    status = 0
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+            sock.sendall(f"POST /completion HTTP/1.1\r\nHost: {parts.hostname}\r\n".encode())
+            sock.settimeout(1)
+            deadline = started + farm.timeout_http_request * 4
+            while time.monotonic() < deadline:
+                try:
+                    first = sock.recv(64)
+                except TimeoutError:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                    continue
+                match = re.match(rb"HTTP/1\.[01] (\d{3})", first)
+                status = int(match.group(1)) if match else -1
+                break
+    except OSError:
+        status = -1
+    results.append((status, time.monotonic() - started))
+
+
+def case_slowloris(farm: Farm) -> None:
+    baseline = [farm.complete().seconds for _ in range(8)]
+    results: list[tuple[int, float]] = []
+    clients = [threading.Thread(target=slow_client, args=(farm, results)) for _ in range(50)]
+    for client in clients:
+        client.start()
+    time.sleep(0.5)
+    during = [farm.complete() for _ in range(8)]
+    for client in clients:
+        client.join()
+    statuses = Counter(status for status, _ in results)
+    figure(
+        f"slowloris: 50 sockets sending one header a second -> {dict(statuses)} after"
+        f" {ms(min(s for _, s in results))}-{ms(max(s for _, s in results))} (timeout http-request"
+        f" {farm.timeout_http_request} s); normal requests p50 {ms(statistics.median(baseline))} before,"
+        f" {ms(statistics.median(a.seconds for a in during))} during"
+    )
+    expect(statuses == Counter({408: 50}), f"slowloris: every slow socket gets 408, got {dict(statuses)}")
+    expect(
+        all(answer.status == 200 for answer in during),
+        "slowloris: normal requests answered during the attack",
+    )
+
+
+def case_queue(farm: Farm) -> None:
+    before = farm.service_state()
+    probe = farm.complete(n_predict=32)
+    per_second = float((probe.body or {}).get("timings", {}).get("predicted_per_second") or 20)
+    # Two slots share a node's core: each runs at about half the single-request rate. Every
+    # admitted request runs well past timeout queue, so the waiting ones time out.
+    n_predict = max(64, min(900, math.ceil(per_second / 2 * farm.timeout_queue * 2.5)))
+    load = farm.slots * 3
+    with ThreadPoolExecutor(max_workers=load) as pool:
+        answers = list(pool.map(lambda _: farm.complete(n_predict=n_predict, ignore_eos=True), range(load)))
+    statuses = Counter(answer.status for answer in answers)
+    refused = [answer.seconds for answer in answers if answer.status == 503]
+    qmax = farm.stats()[(farm.backend, "BACKEND")]["qmax"]
+    figure(
+        f"queue: {load} concurrent requests (3x {farm.slots} slots, {n_predict} tokens each at"
+        f" ~{per_second:.0f} tok/s single) -> statuses {dict(statuses)}; 503 after"
+        f" {ms(min(refused)) if refused else '-'}..{ms(max(refused)) if refused else '-'} of waiting"
+        f" (timeout queue {farm.timeout_queue} s, max queue wait {ms(max(refused)) if refused else '-'});"
+        f" HAProxy queue max {qmax}"
+    )
+    expect(set(statuses) <= {200, 503}, f"queue: only 200 and 503 expected, got {dict(statuses)}")
+    expect(
+        statuses[200] >= farm.slots, f"queue: at least the {farm.slots} slots answered, got {dict(statuses)}"
+    )
+    expect(statuses[503] > 0, f"queue: the excess gets 503 after timeout queue, got {dict(statuses)}")
+    expect(before == farm.service_state(), "queue: no llama-server restarted")
+
+
+class SteadyLoad:
+    """Clients sending short non-streaming requests back to back until stopped."""
+
+    def __init__(self, farm: Farm, clients: int) -> None:
+        self.farm = farm
+        self.answers: list[tuple[float, Answer]] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            sent = time.monotonic()
+            self.answers.append((sent, self.farm.complete(n_predict=8)))
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def case_failover(farm: Farm) -> None:
+    """A node's llama-server stops under load. Requests sent once HAProxy has marked it down must all
+    be answered, and connection failures before that are retried on the other node. A request already
+    running on it when it goes cannot be: the gateway never replays what a server may have
+    processed, so it gets a 502 -- those are counted apart."""
+    victim = farm.servers[0]
+    try:
+        with SteadyLoad(farm, clients=max(1, farm.slots - 1)) as load:
+            time.sleep(3)
+            stop_began = time.monotonic()
+            stopping = threading.Thread(target=farm.systemctl, args=(victim.node, "stop", victim.unit))
+            stopping.start()
+            marked_down = farm.wait_status(farm.backend, victim.name, "DOWN", timeout=60)
+            down_at = time.monotonic()
+            time.sleep(4)
+        stopping.join()
+        stop_took = time.monotonic() - stop_began
+        before_down = [a for sent, a in load.answers if stop_began <= sent < down_at and a.status != 200]
+        failed = [a for sent, a in load.answers if sent >= down_at and a.status != 200]
+        after = sum(1 for sent, _ in load.answers if sent >= down_at)
+        servers = Counter(answer.server for _, answer in load.answers if answer.status == 200)
+        figure(
+            f"failover: {victim.unit} on {victim.node} stopped under load; HAProxy marked it DOWN"
+            f" {marked_down:.1f} s after the stop began (the stop itself took {stop_took:.1f} s);"
+            f" requests sent {len(load.answers)}, {after} after DOWN: failed {len(failed)}; failed"
+            f" between the stop and DOWN (running on it, never replayed): {len(before_down)};"
+            f" answered by {dict(servers)}"
+        )
+        expect(not failed, f"failover: {len(failed)} requests sent after DOWN failed: {failed[:3]}")
+        expect(after > 0, "failover: requests were sent after DOWN")
+    finally:
+        farm.systemctl(victim.node, "start", victim.unit)
+    back = farm.wait_status(farm.backend, victim.name, "UP", timeout=90)
+    figure(f"failover: {victim.name} back UP {back:.1f} s after its start")
+
+
+def case_offload(farm: Farm) -> None:
+    offload = farm.settings["offload"]
+    offload_ip = farm.docker(
+        "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", offload["container"]
+    )
+    unauthenticated = requests.post(
+        f"http://{offload_ip}:8443/completion", json={"prompt": "hi", "n_predict": 1}, timeout=30
+    ).status_code
+    farm.wait_status("offload", offload["server"], "UP", timeout=60)
+    edge_before = Counter(farm.complete(headers={}).server.split("/")[0] for _ in range(4))
+    hinted = farm.complete(headers={"X-Pifarm-Offload": "1"})
+    figure(
+        f"offload pool: llama-server with an API key, without it {unauthenticated}; through the gateway (key"
+        f" added by HAProxy) with the hint header -> {hinted.status} from {hinted.server};"
+        f" without the hint, edge pools {dict(edge_before)}"
+    )
+    expect(
+        unauthenticated == 401, f"the offload pool refuses requests without its key, got {unauthenticated}"
+    )
+    expect(hinted.status == 200 and hinted.server.startswith("offload/"), f"hint header -> offload: {hinted}")
+    expect(
+        set(edge_before) == {farm.backend}, f"requests without the hint stay on the edge: {dict(edge_before)}"
+    )
+
+    try:
+        for server in farm.servers:
+            farm.systemctl(server.node, "stop", server.unit)
+        down = max(farm.wait_status(farm.backend, server.name, "DOWN", timeout=30) for server in farm.servers)
+        during = [farm.complete() for _ in range(4)]
+        figure(
+            f"offload: edge pool stopped (all DOWN after {down:.1f} s) -> "
+            f"{dict(Counter((a.status, a.server) for a in during))}"
+        )
+        expect(
+            all(a.status == 200 and a.server.startswith("offload/") for a in during),
+            "edge down: requests answered by the offload pool",
+        )
+    finally:
+        for server in farm.servers:
+            farm.systemctl(server.node, "start", server.unit)
+    started = time.monotonic()
+    farm.all_edge_up()
+    back = [farm.complete() for _ in range(4)]
+    figure(
+        f"offload: edge back UP {time.monotonic() - started:.1f} s after the start, no operator action ->"
+        f" {dict(Counter((a.status, a.server) for a in back))}"
+    )
+    expect(
+        all(a.status == 200 and a.server.startswith(farm.backend + "/") for a in back),
+        "edge back: served there",
+    )
+
+    farm.docker("stop", "-t", "1", offload["container"])
+    offload_down = farm.wait_status("offload", offload["server"], "DOWN", timeout=30)
+    with SteadyLoad(farm, clients=2) as load:
+        hinted_while_down = [farm.complete(headers={"X-Pifarm-Offload": "1"}) for _ in range(6)]
+    answers = [answer for _, answer in load.answers] + hinted_while_down
+    pools = Counter((a.status, a.server.split("/")[0]) for a in answers)
+    figure(
+        f"offload pool down (DOWN after {offload_down:.1f} s): {len(answers)} requests"
+        f" ({len(hinted_while_down)} with the hint) -> {dict(pools)}"
+    )
+    expect(
+        all(a.status == 200 and a.server.startswith(farm.backend + "/") for a in answers),
+        "offload down: every request stays on the edge and is answered",
+    )
+
+
+class Watcher:
+    """Results and dead letters as they are published, seen with the admin user."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.results: Counter[str] = Counter()
+        self.dead: dict[str, dict[str, Any]] = {}
+
+    async def __aenter__(self) -> Watcher:
+        admin = self.settings["admin"]
+        self.nc = await nats.connect(self.settings["servers"], user=admin["user"], password=admin["password"])
+        await self.nc.subscribe(f"{RESULTS_PREFIX}.>", cb=self.on_result)
+        await self.nc.subscribe(f"{DEAD_PREFIX}.>", cb=self.on_dead)
+        await self.nc.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.nc.drain()
+
+    async def on_result(self, msg) -> None:
+        self.results[msg.subject.rsplit(".", 1)[-1]] += 1
+
+    async def on_dead(self, msg) -> None:
+        letter = json.loads(msg.data)
+        self.dead[letter.get("id", "?")] = letter
+
+    async def wait(self, what: str, done: Callable[[], bool], timeout: float) -> float:
+        started = time.monotonic()
+        while not done():
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"{what}: not within {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+        return time.monotonic() - started
+
+
+def submit(settings: dict[str, Any], model: str, prompt: str, job_id: str, n_predict: int) -> None:
+    producer = {"servers": settings["servers"], **settings["producer"]}
+    done = subprocess.run(
+        ["pifarm-agent", "job", "submit", "--no-wait", "--model", model, "--prompt", prompt,
+         "--id", job_id, "--n-predict", str(n_predict)],
+        input=json.dumps({"nats": producer}), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise AssertionError(f"job submit {job_id}: {done.stdout} {done.stderr}")
+
+
+async def case_jobs(farm: Farm) -> None:
+    settings = farm.settings["nats"]
+    unit = farm.settings["worker_unit"]
+    victim, *others = list(farm.settings["nodes"])
+    run = uuid.uuid4().hex[:8]
+    async with Watcher(settings) as watch:
+        for node in others:
+            farm.systemctl(node, "stop", unit)
+        try:
+            ids = [f"verify-kill-{run}-{n}" for n in range(3)]
+            for job_id in ids:
+                submit(settings, farm.model, "Write a long story about a lighthouse.", job_id, 160)
+            await asyncio.sleep(1.5)
+            farm.systemctl(victim, "kill", "-s", "SIGKILL", unit)
+            killed = time.monotonic()
+            for node in others:
+                farm.systemctl(node, "start", unit)
+            await watch.wait("every job answered", lambda: all(watch.results[i] for i in ids), timeout=90)
+            answered = time.monotonic() - killed
+            await asyncio.sleep(3)
+        finally:
+            for node in others:
+                farm.systemctl(node, "start", unit)
+        lost = sum(1 for i in ids if watch.results[i] == 0)
+        duplicates = sum(max(0, watch.results[i] - 1) for i in ids)
+        figure(
+            f"jobs: worker on {victim} SIGKILLed mid-job; {len(ids)} jobs, lost {lost},"
+            f" duplicates {duplicates}, all answered {answered:.1f} s after the kill"
+        )
+        expect(lost == 0 and duplicates == 0, f"jobs: exactly once, lost {lost} duplicates {duplicates}")
+
+        failing = f"verify-dead-{run}"
+        submit(settings, farm.model, LONG_PROMPT, failing, 8)
+        took = await watch.wait("the failing job's dead letter", lambda: failing in watch.dead, timeout=60)
+        letter = watch.dead[failing]
+        figure(
+            f"jobs: a job that always fails is on {names(farm.model).dead_subject} after {took:.1f} s,"
+            f" {letter.get('deliveries')} deliveries: {letter.get('reason', '')[:120]}"
+        )
+        expect(watch.results[failing] == 0, "the failing job has no result")
+
+
+def main() -> int:
+    with open(sys.argv[1], encoding="utf-8") as handle:
+        farm = Farm(json.load(handle))
+    farm.all_edge_up()
+    cases: list[tuple[str, Callable[[Farm], Any]]] = [
+        ("spread", case_spread),
+        ("bad requests", case_bad_requests),
+        ("slowloris", case_slowloris),
+        ("queue", case_queue),
+        ("failover", case_failover),
+        ("offload", case_offload),
+        ("jobs", lambda farm: asyncio.run(case_jobs(farm))),
+    ]
+    for name, case in cases:
+        started = time.monotonic()
+        try:
+            case(farm)
+        except (AssertionError, OSError, requests.RequestException, subprocess.SubprocessError) as exc:
+            expect(False, f"{name}: {exc}")
+        print(f"case {name}: {time.monotonic() - started:.1f} s", flush=True)
+        try:
+            farm.all_edge_up()
+        except AssertionError as exc:
+            expect(False, f"after {name}: {exc}")
+    if failures:
+        print(f"{len(failures)} failed:", *failures, sep="\n  ", file=sys.stderr)
+        return 1
+    print(f"all {len(cases)} cases passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
