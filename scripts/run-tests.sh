@@ -131,7 +131,7 @@ for stage in "${stages[@]}"; do
     printf 'FAIL %ds (log: %s)\n' "$secs" "${log#"$repo"/}"
   fi
   # The measurements' figures (pytest's and the farm verify's) in the summary.
-  grep -o '\[figures\].*' "$log" | sed -e "s/['\"]*\$//" -e 's/^/    /'
+  grep -o '\[figures\].*' "$log" | sed -e "s/[\"',]*\$//" -e 's/^/    /'
   if [ $rc -ne 0 ]; then
     failed_stages+=("$stage")
     tail -n 40 "$log" | sed 's/^/    | /'
