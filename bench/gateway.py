@@ -147,7 +147,7 @@ def nats_round_trip(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = INSTANCE["model"]
-    backend = "edge_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in model)
+    backend = "edge_" + jobs.token(model)  # gateway_haproxy's backend name
     target = f"{args.node}_{INSTANCE['name']}"
     servers = edge_servers(args.gateway, backend)
     if target not in servers:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import nats
 import requests
 
-from pifarm_agent.jobs import DEAD_PREFIX, RESULTS_PREFIX, names
+from pifarm_agent.jobs import DEAD_PREFIX, RESULTS_PREFIX, names, token
 
 SHORT_PROMPT = "The capital of France is"
 # About 3000 tokens: above the 1024-token context of one slot.
@@ -78,7 +78,8 @@ class EdgeServer:
 
 
 def edge_backend(model: str) -> str:
-    return "edge_" + re.sub(r"[^A-Za-z0-9_-]", "_", model)
+    """gateway_haproxy's backend of a model: the model's token, as its NATS subjects use it."""
+    return "edge_" + token(model)
 
 
 class Farm:
