@@ -73,7 +73,9 @@ stage_collection() {
   grep -Eq '^pifarm\.inference\.node_base[: ]' <<<"$roles"
 }
 
-run_molecule() { molecule test -s "$1"; }
+# molecule wraps its output to the terminal's width (COLUMNS when not a
+# terminal): wide enough that a [figures] line stays one line for the summary.
+run_molecule() { COLUMNS=4000 molecule test -s "$1"; }
 
 junit_counts() {
   # prints "passed failed" from pytest's junit report

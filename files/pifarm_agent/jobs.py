@@ -27,7 +27,8 @@ Messages (JSON):
 The least-privilege NATS permissions of the ``producer`` and ``worker`` users live in
 ``nats_permissions.json`` next to this file (:func:`nats_permissions`); the worker connects
 with the inbox prefix :data:`WORKER_INBOX_PREFIX`, so producers, who subscribe ``_INBOX.>``,
-cannot read the jobs JetStream delivers to workers.
+cannot read the jobs JetStream delivers to workers. MQTT devices log in as ``producer``: its
+``$MQTT.sub.>`` is where nats-server delivers a device's QoS 1 subscription.
 
 ``backoff_seconds`` is never written into a consumer: a consumer ``backoff`` replaces
 ``ack_wait`` with its first entry and retimes delayed naks (nats-server consumer.go), so the

@@ -86,7 +86,9 @@ def test_the_permission_file_matches_the_names():
     }
     assert "pifarm.jobs.>" in producer["publish"]["allow"]
     assert not any("MSG.NEXT" in subject or "$JS.ACK" in subject for subject in producer["publish"]["allow"])
-    assert producer["subscribe"]["allow"] == ["pifarm.results.>", "_INBOX.>"]
+    # $MQTT.sub.>: the delivery subjects of an MQTT device's QoS 1 subscription (devices log in
+    # as the producer); without it the server refuses the subscription.
+    assert producer["subscribe"]["allow"] == ["pifarm.results.>", "_INBOX.>", "$MQTT.sub.>"]
 
 
 # -- settings ---------------------------------------------------------------------------

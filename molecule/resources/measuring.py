@@ -1,0 +1,31 @@
+"""What the scenarios' measuring scripts share (molecule/*/verify_*.py).
+
+tasks/measure.yml runs them with this directory on PYTHONPATH. A script prints
+``[figures]`` lines, which make test repeats in its summary, and collects failed
+expectations instead of stopping at the first, so one run shows every outcome.
+"""
+
+from __future__ import annotations
+
+import sys
+
+failures: list[str] = []
+
+
+def figure(text: str) -> None:
+    print(f"[figures] {text}", flush=True)
+
+
+def expect(ok: bool, what: str) -> None:
+    if not ok:
+        failures.append(what)
+        print(f"FAILED: {what}", flush=True)
+
+
+def finish(passed: str) -> int:
+    """The script's exit status: 1 with the failures on stderr, else 0 after ``passed``."""
+    if failures:
+        print(f"{len(failures)} failed:", *failures, sep="\n  ", file=sys.stderr)
+        return 1
+    print(passed)
+    return 0
