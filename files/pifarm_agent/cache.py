@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,10 @@ PREVIOUS = "previous"
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_RE = re.compile(r"([0-9a-f]{64})\.partial")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# The outcome of each model's last sync (farm exporter's source): <root>/sync-status/<name>.json.
+SYNC_STATUS_DIR = "sync-status"
+# Statuses of a sync that reached the store; served-from-cache means it could not.
+SYNC_REACHED_STORE = ("changed", "unchanged")
 
 
 class CacheError(Exception):
@@ -802,6 +807,37 @@ class ModelCache:
         decision.switch = activate and not is_active
         return decision
 
+    def sync_status_path(self, name: str) -> Path:
+        _check_name(name)
+        return self.root / SYNC_STATUS_DIR / f"{name}.json"
+
+    def synced_names(self) -> list[str]:
+        """Models with a recorded sync, failed first syncs included."""
+        directory = self.root / SYNC_STATUS_DIR
+        if not directory.is_dir():
+            return []
+        return sorted(p.stem for p in directory.glob("*.json") if NAME_RE.fullmatch(p.stem))
+
+    def sync_status(self, name: str) -> dict[str, Any] | None:
+        """The last sync's outcome as recorded by :meth:`sync`; None when never recorded or unreadable."""
+        try:
+            status = json.loads(self.sync_status_path(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return status if isinstance(status, dict) else None
+
+    def _record_sync(self, name: str, status: dict[str, Any]) -> None:
+        """Replace the status file atomically; a failure to record never fails the sync itself."""
+        path = self.sync_status_path(name)
+        try:
+            path.parent.mkdir(mode=0o755, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            _write_file(temporary, json.dumps({**status, "time": time.time()}, sort_keys=True).encode())
+            temporary.chmod(0o644)
+            temporary.replace(path)
+        except OSError:
+            pass
+
     def sync(
         self,
         source: ModelSource,
@@ -816,10 +852,32 @@ class ModelCache:
         With ``activate=False`` the version is fetched and verified into the cache
         but ``current`` is left alone (a model cached but not current is present).
         When the store is unreachable and a model is active (for a prefetch: cached),
-        it stays and the result says ``served-from-cache``.
+        it stays and the result says ``served-from-cache``. Each outcome, a failure
+        included, is recorded for the farm exporter (:meth:`sync_status`).
         """
-        started, timer = time.monotonic(), _Timer()
+        started = time.monotonic()
         _check_request(name, version)
+        try:
+            result = self._sync(source, name, version, activate=activate, allow_downgrade=allow_downgrade)
+        except Exception as exc:
+            failure = {"status": "failed", "message": str(exc), "bytes_fetched": 0}
+            self._record_sync(name, {**failure, "seconds": time.monotonic() - started})
+            raise
+        self._record_sync(
+            name,
+            {
+                "status": result.status,
+                "message": result.message,
+                "seconds": result.seconds,
+                "bytes_fetched": result.bytes_fetched,
+            },
+        )
+        return result
+
+    def _sync(
+        self, source: ModelSource, name: str, version: str | None, *, activate: bool, allow_downgrade: bool
+    ) -> SyncResult:
+        started, timer = time.monotonic(), _Timer()
         with self._locked(name):
             decision = self._decide(
                 source, name, version, activate=activate, allow_downgrade=allow_downgrade, timer=timer

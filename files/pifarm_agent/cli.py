@@ -63,6 +63,8 @@ from typing import Any, NoReturn
 from pifarm_agent import __version__
 from pifarm_agent.artifacts import PREFIXES, Artifacts
 from pifarm_agent.cache import DEFAULT_KEEP, Entry, ModelCache, PlanResult, RemoveResult, SyncResult
+from pifarm_agent.exporter import load_config as load_exporter_config
+from pifarm_agent.exporter import serve as serve_metrics
 from pifarm_agent.jobs import (
     JOB_ID_RE,
     MAX_MODEL_NAME,
@@ -421,6 +423,11 @@ def _job_parsers(top: argparse._SubParsersAction) -> None:
     dead = commands.add_parser("dead", parents=[output, settings], help="list the dead letters of a model")
     dead.add_argument("--model", required=True)
     dead.add_argument("--limit", type=int, default=100, help="at most this many, oldest first (default 100)")
+
+    exporter = top.add_parser("exporter", help="the farm exporter: Pi health, services, models (Prometheus)")
+    commands = exporter.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    serve_parser = commands.add_parser("serve", parents=[output], help="serve /metrics until stopped")
+    serve_parser.add_argument("--config", required=True, help="the exporter's JSON config file")
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -878,11 +885,23 @@ def _check_job_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"job {args.command}: --model must be 1-{MAX_MODEL_NAME} characters, no spaces")
 
 
+def cmd_exporter_serve(args: argparse.Namespace, secrets: list[str]) -> tuple[int, dict[str, Any]]:
+    config = load_exporter_config(args.config)
+    serve_metrics(config)
+    return EXIT_OK, {"status": "stopped", "changed": False, "message": f"exporter of {config.node} stopped"}
+
+
+EXPORTER_COMMANDS = {"serve": cmd_exporter_serve}
+
+
 def run_job_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    _check_job_flags(parser, args)
+    """A job or exporter command: each reads its own settings, not the agent's config file."""
+    if args.area == "job":
+        _check_job_flags(parser, args)
+    commands = JOB_COMMANDS if args.area == "job" else EXPORTER_COMMANDS
     secrets: list[str] = []
     try:
-        code, payload = JOB_COMMANDS[args.command](args, secrets)
+        code, payload = commands[args.command](args, secrets)
     except Exception as exc:
         code, payload = EXIT_FAILED, _failure(exc)
     _emit(args, code, payload, tuple(secrets))
@@ -933,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     args.json = args.json or args.json_first
-    if args.area == "job":
+    if args.area in ("job", "exporter"):
         return run_job_command(parser, args)
     if args.area == "model" and args.command == "sync" and args.all and args.model_version:
         parser.error("model sync: --version is for one model; --all syncs the versions the config declares")

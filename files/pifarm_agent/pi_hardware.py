@@ -1,0 +1,1 @@
+../../plugins/module_utils/pi_hardware.py
