@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import nats
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from measuring import expect, figure, finish
 from pifarm_agent.jobs import DEAD_PREFIX, RESULTS_PREFIX, names, token
@@ -182,6 +183,37 @@ def ms(seconds: float) -> str:
 
 
 # --- the cases ---------------------------------------------------------------
+def case_exporter(farm: Farm) -> None:
+    """Each node's farm exporter names the model version its llama-server serves: the cache's current."""
+    exporter = farm.settings["exporter"]
+    for server in farm.servers:
+        text = requests.get(exporter["urls"][server.node], timeout=10).text
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        exported = {
+            sample.labels["server"]: sample.labels
+            for sample in families["pifarm_model_active"].samples
+            if sample.name == "pifarm_model_active_info"
+        }.get(server.instance, {})
+        current = farm.docker(
+            "exec", server.node, "readlink", f"{exporter['models_dir']}/{server.model}/current"
+        )
+        running = {
+            sample.labels["service"]: sample.value for sample in families["pifarm_service_running"].samples
+        }
+        figure(
+            f"farm exporter on {server.node}: {server.instance} serves {exported.get('model')}"
+            f" {exported.get('version')} sha256 {exported.get('sha256', '')[:12]};"
+            f" cache current {current[:12]}; services running {running}"
+        )
+        expect(
+            exported.get("sha256") == current,
+            f"exporter: {server.node}'s active sha256 is the cache's current",
+        )
+        expect(
+            set(running.values()) == {1.0}, f"exporter: {server.node}'s llama-server and worker are running"
+        )
+
+
 def case_spread(farm: Farm) -> None:
     answers = [farm.complete() for _ in range(16)]
     statuses = Counter(answer.status for answer in answers)
@@ -589,6 +621,7 @@ def case_protection(farm: Farm) -> None:
 
 
 CASES: dict[str, Callable[[Farm], Any]] = {
+    "exporter": case_exporter,
     "spread": case_spread,
     "bad requests": case_bad_requests,
     "slowloris": case_slowloris,

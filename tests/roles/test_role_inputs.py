@@ -107,6 +107,27 @@ HERE = Path(__file__).resolve().parent
             "npu_stack",
             id="unknown-npu-stack",
         ),
+        pytest.param(
+            "monitoring",
+            {"monitoring_alert_for": "soon"},
+            "Check monitoring variables before changing anything",
+            "monitoring_alert_for must be a Prometheus duration",
+            id="alert-for-not-a-duration",
+        ),
+        pytest.param(
+            "monitoring",
+            {"monitoring_alert_edge_min_healthy": "many"},
+            ARGSPEC,
+            "monitoring_alert_edge_min_healthy",
+            id="min-healthy-not-a-number",
+        ),
+        pytest.param(
+            "monitoring",
+            {"monitoring_alertmanager_webhook_url": "ftp://alerts.example.net/hook"},
+            "Check monitoring variables before changing anything",
+            "the webhook an http(s) URL",
+            id="webhook-not-http",
+        ),
     ],
 )
 def test_bad_input_fails_before_touching_the_host(
@@ -123,6 +144,13 @@ def test_bad_input_fails_before_touching_the_host(
         ("pi_boot", {"pi_boot_npu": True, "pi_boot_nvme": False, "pi_boot_boot_order": "0xf14"}),
         ("pi_boot", {"pi_boot_npu": True, "pi_boot_nvme": True, "pi_boot_pcie_switch": True}),
         ("npu", {"npu_enabled": True, "npu_package_versions": {"hailort": "4.20.0"}}),
+        (
+            "monitoring",
+            {
+                "monitoring_alert_for": "90s",
+                "monitoring_alertmanager_webhook_url": "https://hooks.example.net/x",
+            },
+        ),
     ],
 )
 def test_good_input_passes_the_checks_and_reaches_the_host(tmp_path, ansible_env, role, extra_vars):
