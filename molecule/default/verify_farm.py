@@ -188,17 +188,23 @@ def case_exporter(farm: Farm) -> None:
     exporter = farm.settings["exporter"]
     for server in farm.servers:
         text = requests.get(exporter["urls"][server.node], timeout=10).text
-        families = {family.name: family for family in text_string_to_metric_families(text)}
-        exported = {
-            sample.labels["server"]: sample.labels
-            for sample in families["pifarm_model_active"].samples
-            if sample.name == "pifarm_model_active_info"
-        }.get(server.instance, {})
+        samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+        exported = next(
+            (
+                sample.labels
+                for sample in samples
+                if sample.name == "pifarm_model_active_info"
+                and sample.labels.get("server") == server.instance
+            ),
+            {},
+        )
         current = farm.docker(
             "exec", server.node, "readlink", f"{exporter['models_dir']}/{server.model}/current"
         )
         running = {
-            sample.labels["service"]: sample.value for sample in families["pifarm_service_running"].samples
+            sample.labels["service"]: sample.value
+            for sample in samples
+            if sample.name == "pifarm_service_running"
         }
         figure(
             f"farm exporter on {server.node}: {server.instance} serves {exported.get('model')}"
@@ -631,6 +637,15 @@ CASES: dict[str, Callable[[Farm], Any]] = {
     "jobs": lambda farm: asyncio.run(case_jobs(farm)),
     "protection": case_protection,
 }
+# What a failing case raises: reported, and the next case still runs.
+CASE_ERRORS = (
+    AssertionError,
+    OSError,
+    LookupError,
+    ValueError,
+    requests.RequestException,
+    subprocess.SubprocessError,
+)
 # Needs the gateway reconverged with API keys and a rate limit: asked for by name only.
 NAMED_ONLY = {"protection"}
 
@@ -645,8 +660,8 @@ def main() -> int:
         started = time.monotonic()
         try:
             case(farm)
-        except (AssertionError, OSError, requests.RequestException, subprocess.SubprocessError) as exc:
-            expect(False, f"{name}: {exc}")
+        except CASE_ERRORS as exc:
+            expect(False, f"{name}: {type(exc).__name__}: {exc}")
         print(f"case {name}: {time.monotonic() - started:.1f} s", flush=True)
         try:
             farm.all_edge_up()

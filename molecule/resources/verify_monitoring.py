@@ -64,7 +64,7 @@ def wait_targets_up(prometheus: Prometheus, timeout: float) -> None:
         by_job.setdefault(target["labels"]["job"], []).append(f"{target['labels'].get('host', '?')}{health}")
     figure(
         f"targets: {len(targets) - len(down)} of {len(targets)} up after {time.monotonic() - started:.0f} s:"
-        f" {json.dumps(by_job, sort_keys=True)}"
+        f" {dict(sorted(by_job.items()))}"
     )
     for target in down:
         print(f"  down: {target['scrapeUrl']}: {target.get('lastError')}", flush=True)
