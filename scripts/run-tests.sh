@@ -48,11 +48,12 @@ stage_llama-build() {
     build_llama
     return
   fi
-  local rc=0
-  wait "$llama_build_pid" || rc=$?
+  local rc
+  wait "$llama_build_pid" 2>/dev/null
+  rc=$(cat "$logs/llama-build-background.rc" 2>/dev/null || echo 1)
   cat "$logs/llama-build-background.log"
   echo "background build: $(($(date +%s) - llama_build_start)) s since it started with the first stage"
-  return $rc
+  return "$rc"
 }
 stage_pytest() { pytest --junitxml="$repo/build/pytest.xml"; }
 stage_sanity() { scripts/sanity.sh; }
@@ -99,45 +100,95 @@ stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
 if [ ${#stages[@]} -gt 1 ] && [ "${stages[0]}" != llama-build ] && [[ " ${stages[*]} " == *" llama-build "* ]]; then
   llama_build_start=$(date +%s)
-  nice -n 15 bash -c "$(declare -f build_llama); build_llama" >"$logs/llama-build-background.log" 2>&1 &
+  rm -f "$logs/llama-build-background.rc"
+  nice -n 15 bash -c "$(declare -f build_llama); build_llama; echo \$? >'$logs/llama-build-background.rc'" \
+    >"$logs/llama-build-background.log" 2>&1 &
   llama_build_pid=$!
 fi
-passed=0
-failed=0
-failed_stages=()
 for stage in "${stages[@]}"; do
-  run=("stage_$stage")
-  [[ $stage == molecule-* ]] && run=(run_molecule "${stage#molecule-}")
-  if ! declare -F "${run[0]}" >/dev/null; then
+  if ! declare -F "stage_$stage" >/dev/null && [[ " ${scenarios[*]/#/molecule-} " != *" $stage "* ]]; then
     echo "unknown stage '$stage'; stages: ${all_stages[*]}" >&2
     exit 2
   fi
-  log="$logs/$stage.log"
+done
+
+# Runs one stage into build/logs/<stage>.log; its exit code and seconds go to
+# <stage>.result for report_stage.
+run_stage() {
+  local stage=$1 start rc
+  local run=("stage_$stage")
+  [[ $stage == molecule-* ]] && run=(run_molecule "${stage#molecule-}")
   start=$(date +%s)
-  printf '=== %-20s ' "$stage"
-  rm -f "$repo/build/pytest.xml"
-  "${run[@]}" >"$log" 2>&1
+  [ "$stage" != pytest ] || rm -f "$repo/build/pytest.xml"
+  "${run[@]}" >"$logs/$stage.log" 2>&1
   rc=$?
-  secs=$(($(date +%s) - start))
+  echo "$rc $(($(date +%s) - start))" >"$logs/$stage.result"
+}
+
+passed=0
+failed=0
+failed_stages=()
+# Prints a finished stage's line, its [figures] lines, and on failure the end of its log.
+report_stage() {
+  local stage=$1 log="$logs/$1.log" rc secs
+  read -r rc secs <"$logs/$stage.result"
+  printf '=== %-20s ' "$stage"
   if [ "$stage" = pytest ]; then
     read -r p f < <(junit_counts "$repo/build/pytest.xml")
-    [ $rc -eq 0 ] || [ "$f" -gt 0 ] || f=1
+    [ "$rc" -eq 0 ] || [ "$f" -gt 0 ] || f=1
     passed=$((passed + p))
     failed=$((failed + f))
     printf '%s (%d passed, %d failed) %ds\n' "$([ "$f" -eq 0 ] && echo PASS || echo FAIL)" "$p" "$f" "$secs"
-  elif [ $rc -eq 0 ]; then
+  elif [ "$rc" -eq 0 ]; then
     passed=$((passed + 1))
     printf 'PASS %ds\n' "$secs"
   else
     failed=$((failed + 1))
     printf 'FAIL %ds (log: %s)\n' "$secs" "${log#"$repo"/}"
   fi
-  # The measurements' figures (pytest's and the farm verify's) in the summary.
+  # The measurements' figures (pytest's and the scenarios' verify) in the summary.
   grep -o '\[figures\].*' "$log" | sed -e "s/[\"',]*\$//" -e 's/^/    /'
-  if [ $rc -ne 0 ]; then
+  if [ "$rc" -ne 0 ]; then
     failed_stages+=("$stage")
     tail -n 40 "$log" | sed 's/^/    | /'
   fi
+}
+
+# The early molecule scenarios are independent of each other (own containers,
+# own network) and mostly wait on apt and systemd: they run PIFARM_TEST_JOBS
+# (default 2) at a time, started when the first of them is reached, and are
+# reported in order once all have finished.
+parallel_jobs=${PIFARM_TEST_JOBS:-2}
+group_done=
+for stage in "${stages[@]}"; do
+  if [[ " ${early_scenarios[*]} " == *" $stage "* ]]; then
+    [ -z "$group_done" ] || continue
+    group=() launch=()
+    for member in "${stages[@]}"; do
+      [[ " ${early_scenarios[*]} " == *" $member "* ]] || continue
+      group+=("$member")
+      # network takes about 9 min, the others 1-2 min each: it starts first and
+      # the others share the second slot meanwhile.
+      if [ "$member" = molecule-network ]; then launch=("$member" "${launch[@]}"); else launch+=("$member"); fi
+    done
+    pids=()
+    for member in "${launch[@]}"; do
+      # Polled, not wait -n: that would also reap the background build.
+      while [ "$(jobs -rp | grep -vcx "${llama_build_pid:-none}")" -ge "$parallel_jobs" ]; do
+        sleep 2
+      done
+      run_stage "$member" &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    for member in "${group[@]}"; do
+      report_stage "$member"
+    done
+    group_done=1
+    continue
+  fi
+  run_stage "$stage"
+  report_stage "$stage"
 done
 
 [ ${#failed_stages[@]} -eq 0 ] || echo "failed stages: ${failed_stages[*]}"
