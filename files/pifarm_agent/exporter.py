@@ -9,13 +9,24 @@ Every figure is read when Prometheus scrapes, so nothing is older than the scrap
 * the llama-server instances' and the worker's resident memory and CPU time (psutil, the unit's
   main process and its children);
 * per model: the active version and sha256 per instance (an info metric), versions held, cache
-  bytes, and the last sync's outcome, time, bytes fetched and duration (recorded by the cache).
+  bytes, and the last sync's outcome, time, bytes fetched and duration (recorded by the cache);
+* on a gateway, the job router: nats-server's connections, routes, traffic and slow consumers
+  (``/varz``), whether JetStream can take jobs, and per stream and consumer the messages held,
+  pending, awaiting an ack and redelivered (``/jsz``) — the queue depth. nats-server serves only
+  JSON and Debian packages no NATS exporter; a stream's or consumer's figures come only from the
+  server that leads it, so two or three gateways never count one queue twice.
 
 Inference latency and tokens/s are not here: Prometheus scrapes each llama-server's own
 ``/metrics`` (``--metrics``), so nothing is counted twice. A source that is absent (no
 ``vcgencmd`` off a Pi, no thermal zone, no cache yet) is not an error: its metrics are left
-out and ``pifarm_exporter_source_up{source=...}`` says 0. NPU utilisation is not exported:
-HailoRT reports it only to the process that owns the device.
+out and ``pifarm_exporter_source_up{source=...}`` says 0 (the job router's and the NPU
+utilisation's sources are listed only where they are configured). HailoRT reports NPU
+utilisation only in the process that owns the device, and only when that process runs with
+``HAILO_MONITOR=1``: HailoRT then
+writes the device's utilisation in percent, once a second, to
+``/tmp/nnc_utilization/nnc_utilization<random>`` (mode 0600, the process's user). With
+``npu_utilization_dir`` set, the newest such file younger than NPU_UTILIZATION_MAX_AGE is
+exported; an older one is left by a process that is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ import json
 import os
 import shutil
 import subprocess
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +68,20 @@ EXPORTER_KEYS = (
     "cache_root",
     "instances",
     "services",
+    "nats_monitoring_url",
+    "npu_utilization_dir",
 )
 COMMAND_TIMEOUT = 5.0
 SOURCES = ("temperature", "throttling", "cpufreq", "npu", "services", "models")
+# Listed in pifarm_exporter_source_up only where configured: nodes run no job router.
+NATS_SOURCE = "nats"
+# /jsz with every account's streams and their consumers (nats-server's monitoring API).
+NATS_JSZ_QUERY = "jsz?accounts=true&streams=true&consumers=true"
+NPU_UTILIZATION_SOURCE = "npu_utilization"
+# HailoRT's TempFile names: NNC_UTILIZATION_FILE_NAME plus mkstemp's six characters.
+NPU_UTILIZATION_GLOB = "nnc_utilization??????"
+# HailoRT rewrites the file every second (HAILO_MONITOR_TIME_INTERVAL, default 1000 ms).
+NPU_UTILIZATION_MAX_AGE = 10.0
 CPUFREQ_GLOB = "sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq"
 
 
@@ -91,6 +115,8 @@ class ExporterConfig:
     cache_root: str | None
     instances: tuple[Instance, ...]
     services: tuple[Service, ...]
+    nats_monitoring_url: str | None = None
+    npu_utilization_dir: str | None = None
 
     @classmethod
     def parse(cls, data: Any, where: str = "exporter config") -> ExporterConfig:
@@ -124,6 +150,14 @@ class ExporterConfig:
             )
             for i, item in enumerate(_items(data.get("instances", []), f"{where}.instances"))
         )
+        nats_url = data.get("nats_monitoring_url")
+        if nats_url is not None:
+            nats_url = _text(nats_url, f"{where}.nats_monitoring_url").rstrip("/")
+            if not nats_url.startswith(("http://", "https://")):
+                raise ExporterConfigError(
+                    f"{where}.nats_monitoring_url: {nats_url!r} is not an http(s) URL"
+                    " (nats-server's monitoring port, for example http://127.0.0.1:8222)"
+                )
         return cls(
             node=_text(data["node"], f"{where}.node"),
             address=_text(data.get("address", "0.0.0.0"), f"{where}.address"),
@@ -134,6 +168,12 @@ class ExporterConfig:
             cache_root=_text(data["cache_root"], f"{where}.cache_root") if data.get("cache_root") else None,
             instances=instances,
             services=services,
+            nats_monitoring_url=nats_url,
+            npu_utilization_dir=(
+                _text(data["npu_utilization_dir"], f"{where}.npu_utilization_dir")
+                if data.get("npu_utilization_dir") is not None
+                else None
+            ),
         )
 
 
@@ -167,6 +207,7 @@ def load_config(path: str | Path) -> ExporterConfig:
 
 
 Runner = Callable[[list[str]], str]
+Fetcher = Callable[[str], Any]
 
 
 def run_command(argv: list[str]) -> str:
@@ -175,35 +216,55 @@ def run_command(argv: list[str]) -> str:
     return done.stdout
 
 
+def fetch_json(url: str) -> Any:
+    """The JSON document at url, within COMMAND_TIMEOUT."""
+    with urllib.request.urlopen(url, timeout=COMMAND_TIMEOUT) as answer:
+        return json.load(answer)
+
+
 class FarmCollector(Collector):
     """Reads every source at each scrape; a failing source is reported, never raised."""
 
-    def __init__(self, config: ExporterConfig, *, run: Runner = run_command) -> None:
+    def __init__(
+        self,
+        config: ExporterConfig,
+        *,
+        run: Runner = run_command,
+        fetch: Fetcher = fetch_json,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.run = run
+        self.fetch = fetch
+        self.now = now
         # Reads only: the cache never verifies a signature here, so it needs no public key.
         self.cache = ModelCache(config.cache_root, None) if config.cache_root else None
 
     def collect(self) -> Iterator[Metric]:
         up: dict[str, bool] = {}
-        for source, read in (
+        readers: list[tuple[str, Callable[[], Iterator[Metric]]]] = [
             ("temperature", self._temperature),
             ("throttling", self._throttling),
             ("cpufreq", self._cpufreq),
             ("npu", self._npu),
             ("services", self._services),
             ("models", self._models),
-        ):
+        ]
+        if self.config.nats_monitoring_url:
+            readers.append((NATS_SOURCE, self._nats))
+        if self.config.npu_utilization_dir:
+            readers.append((NPU_UTILIZATION_SOURCE, self._npu_utilization))
+        for source, read in readers:
             try:
                 metrics = list(read())
-            except (OSError, ValueError, subprocess.SubprocessError, psutil.Error):
+            except (OSError, ValueError, KeyError, TypeError, subprocess.SubprocessError, psutil.Error):
                 metrics = []
             up[source] = bool(metrics)
             yield from metrics
         source_up = GaugeMetricFamily(
             "pifarm_exporter_source_up", "1 when the source could be read at this scrape", labels=["source"]
         )
-        for source in SOURCES:
+        for source, _read in readers:
             source_up.add_metric([source], 1.0 if up[source] else 0.0)
         yield source_up
 
@@ -246,6 +307,24 @@ class FarmCollector(Collector):
             [npu["type"], "true" if npu["device_node"] else "false"], 0.0 if npu["type"] == "none" else 1.0
         )
         yield present
+
+    def _npu_utilization(self) -> Iterator[Metric]:
+        directory = os.path.join(self.config.root, self.config.npu_utilization_dir.lstrip("/"))
+        files = [
+            (os.stat(path).st_mtime, path)
+            for path in glob.glob(os.path.join(glob.escape(directory), NPU_UTILIZATION_GLOB))
+        ]
+        if not files:
+            return
+        written, newest = max(files)
+        if self.now() - written > NPU_UTILIZATION_MAX_AGE:
+            return
+        percent = float(Path(newest).read_text(encoding="ascii").strip())
+        yield _gauge(
+            "pifarm_npu_utilization_ratio",
+            "Share of the last monitor interval the NPU was busy (HailoRT, HAILO_MONITOR=1)",
+            value=percent / 100.0,
+        )
 
     # -- services -------------------------------------------------------------------------
 
@@ -312,6 +391,95 @@ class FarmCollector(Collector):
             "pifarm_model_cache_bytes", "Bytes under the model cache", value=_tree_bytes(self.cache.root)
         )
 
+    # -- job router -----------------------------------------------------------------------
+
+    def _nats(self) -> Iterator[Metric]:
+        base = self.config.nats_monitoring_url
+        varz = self.fetch(f"{base}/varz")
+        jsz = self.fetch(f"{base}/{NATS_JSZ_QUERY}")
+        server = varz["server_name"]
+        info = InfoMetricFamily("pifarm_nats_server", "The nats-server this exporter reads")
+        info.add_metric([], {"server_name": server, "version": str(varz.get("version", ""))})
+        yield info
+        for key, documentation in (
+            ("connections", "Client connections now"),
+            ("routes", "Routes to the other gateways' servers now"),
+            ("subscriptions", "Subscriptions now"),
+        ):
+            yield _gauge(f"pifarm_nats_{key}", documentation, value=float(varz[key]))
+        yield CounterMetricFamily(
+            "pifarm_nats_slow_consumers",
+            "Clients dropped for reading too slowly",
+            value=float(varz["slow_consumers"]),
+        )
+        messages = CounterMetricFamily(
+            "pifarm_nats_messages", "Messages received and sent", labels=["direction"]
+        )
+        traffic = CounterMetricFamily(
+            "pifarm_nats_bytes", "Payload bytes received and sent", labels=["direction"]
+        )
+        for direction in ("in", "out"):
+            messages.add_metric([direction], float(varz[f"{direction}_msgs"]))
+            traffic.add_metric([direction], float(varz[f"{direction}_bytes"]))
+        yield from (messages, traffic)
+        # Clustered, JetStream takes no job while its meta group has no leader (no quorum).
+        meta = jsz.get("meta_cluster")
+        available = "config" in jsz and (meta is None or bool(meta.get("leader")))
+        yield _gauge(
+            "pifarm_nats_jetstream_available",
+            "1 when JetStream is enabled and, in a cluster, its meta group has a leader",
+            value=1.0 if available else 0.0,
+        )
+        yield from self._nats_streams(server, jsz)
+
+    @staticmethod
+    def _nats_streams(server: str, jsz: dict[str, Any]) -> Iterator[Metric]:
+        stream_figures = {
+            "messages": _gauge("pifarm_nats_stream_messages", "Messages the stream holds", "stream"),
+            "bytes": _gauge("pifarm_nats_stream_bytes", "Bytes the stream holds", "stream"),
+            "last_seq": _gauge(
+                "pifarm_nats_stream_last_sequence",
+                "Sequence of the stream's last message (counts every one)",
+                "stream",
+            ),
+        }
+        consumer_figures = {
+            "num_pending": _gauge(
+                "pifarm_nats_consumer_pending_messages", "Messages not yet delivered", "stream", "consumer"
+            ),
+            "num_ack_pending": _gauge(
+                "pifarm_nats_consumer_ack_pending_messages",
+                "Messages delivered, not yet acked",
+                "stream",
+                "consumer",
+            ),
+            "num_redelivered": _gauge(
+                "pifarm_nats_consumer_redelivered_messages",
+                "Messages delivered more than once",
+                "stream",
+                "consumer",
+            ),
+            "num_waiting": _gauge(
+                "pifarm_nats_consumer_waiting_pulls",
+                "Pull requests waiting (idle workers)",
+                "stream",
+                "consumer",
+            ),
+        }
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                stream_leader = (stream.get("cluster") or {}).get("leader", server)
+                if stream_leader == server:
+                    for key, family in stream_figures.items():
+                        family.add_metric([stream["name"]], float(stream["state"][key]))
+                for consumer in stream.get("consumer_detail") or []:
+                    if (consumer.get("cluster") or {}).get("leader", stream_leader) != server:
+                        continue
+                    for key, family in consumer_figures.items():
+                        family.add_metric([stream["name"], consumer["name"]], float(consumer[key]))
+        yield from stream_figures.values()
+        yield from consumer_figures.values()
+
 
 def _gauge(name: str, documentation: str, *labels: str, value: float | None = None) -> GaugeMetricFamily:
     if value is not None:
@@ -341,9 +509,15 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
-def registry_for(config: ExporterConfig, *, run: Runner = run_command) -> CollectorRegistry:
+def registry_for(
+    config: ExporterConfig,
+    *,
+    run: Runner = run_command,
+    fetch: Fetcher = fetch_json,
+    now: Callable[[], float] = time.time,
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FarmCollector(config, run=run))
+    registry.register(FarmCollector(config, run=run, fetch=fetch, now=now))
     return registry
 
 

@@ -218,6 +218,35 @@ def case_exporter(farm: Farm) -> None:
         expect(
             set(running.values()) == {1.0}, f"exporter: {server.node}'s llama-server and worker are running"
         )
+    # The gateway's: HAProxy and nats-server, and the job queue of every served model.
+    gateway = exporter["gateway"]
+    text = requests.get(exporter["urls"][gateway], timeout=10).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    running = {
+        dict(labels)["service"]: v
+        for (name, labels), v in samples.items()
+        if name == "pifarm_service_running"
+    }
+    pending = {
+        dict(labels)["consumer"]: v
+        for (name, labels), v in samples.items()
+        if name == "pifarm_nats_consumer_pending_messages"
+    }
+    available = samples.get(("pifarm_nats_jetstream_available", ()))
+    figure(
+        f"farm exporter on {gateway}: services running {running}; JetStream available {available};"
+        f" jobs waiting per consumer {pending}"
+    )
+    expect(
+        running == {"haproxy": 1.0, "nats": 1.0}, f"exporter: {gateway}'s HAProxy and nats-server are running"
+    )
+    expect(available == 1.0, f"exporter: {gateway}'s job router takes jobs")
+    consumers = {names(server.model).consumer for server in farm.servers}
+    expect(consumers <= set(pending), f"exporter: {gateway} reports the queue of {sorted(consumers)}")
 
 
 def case_spread(farm: Farm) -> None:

@@ -1,9 +1,9 @@
 """Checks the nats role's cluster, TLS and MQTT options on two gateways, from the controller.
 
 verify.yml runs it with one argument: a JSON settings file (mode 0600, credentials
-included) with the gateways' addresses, the ports, the test CA and the admin and producer
-users. The JetStream streams are declared with the agent's own stream configurations
-(``jobs.stream_configs``), as inference_worker declares them. Each check prints
+included) with the gateways' addresses, the ports (the farm exporters' too), the test CA
+and the admin and producer users. The JetStream streams are declared with the agent's own
+stream configurations (``jobs.stream_configs``), as inference_worker declares them. Each check prints
 ``[figures]`` lines; the exit status is 1 when any failed, with the reasons last.
 """
 
@@ -13,6 +13,7 @@ import asyncio
 import json
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -23,9 +24,11 @@ import nats
 import paho.mqtt.client as mqtt
 import requests
 from nats.js.errors import BadRequestError
+from prometheus_client.parser import text_string_to_metric_families
 
 from measuring import expect, figure, finish
 from pifarm_agent.jobs import (
+    DEAD_STREAM,
     JOBS_STREAM,
     DeclareSettings,
     mqtt_result_topic,
@@ -263,6 +266,75 @@ async def declare_streams(gateways: Gateways) -> None:
         await connection.close()
 
 
+def exporter_samples(url: str) -> dict[tuple[str, tuple], float]:
+    response = requests.get(url, timeout=10)
+    response.raise_for_status()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def check_exporters(gateways: Gateways) -> None:
+    """Each gateway's farm exporter reads its own nats-server; a stream is reported once, by its leader."""
+    reporters: dict[str, list[str]] = {JOBS_STREAM: [], DEAD_STREAM: []}
+    jobs_held = []
+    for gateway, address in gateways.addresses.items():
+        samples = exporter_samples(f"http://{address}:{gateways.ports['exporter']}/metrics")
+        nats_up = samples.get(("pifarm_exporter_source_up", (("source", "nats"),)))
+        available = samples.get(("pifarm_nats_jetstream_available", ()))
+        routes = samples.get(("pifarm_nats_routes", ()))
+        running = samples.get(("pifarm_service_running", (("service", "nats"),)))
+        for stream, reporting in reporters.items():
+            held = samples.get(("pifarm_nats_stream_messages", (("stream", stream),)))
+            if held is not None:
+                reporting.append(gateway)
+                if stream == JOBS_STREAM:
+                    jobs_held.append(held)
+        figure(
+            f"exporter on {gateway}: nats source up {nats_up}, JetStream available {available},"
+            f" routes {routes}, nats-server running {running}"
+        )
+        expect(nats_up == 1.0, f"exporter: {gateway} reads its nats-server")
+        expect(available == 1.0, f"exporter: {gateway}'s JetStream takes jobs")
+        expect(
+            routes == len(gateways.addresses) - 1, f"exporter: {gateway} has a route to each other gateway"
+        )
+        expect(running == 1.0, f"exporter: {gateway}'s nats-server unit is running")
+    figure(f"exporters: streams reported by {reporters}; jobs held {jobs_held}")
+    for gateway in gateways.addresses:
+        check_npu_utilization(gateways, gateway, gateway in gateways.settings["npu_utilization_gateways"])
+    for stream, gateways_reporting in reporters.items():
+        expect(len(gateways_reporting) == 1, f"exporter: {stream} is reported by its leader only")
+    expect(jobs_held and jobs_held[0] >= 1, "exporter: the MQTT job is counted in the work queue")
+
+
+# As HailoRT's MonitorHandler writes it for a process run with HAILO_MONITOR=1: mkstemp's
+# mode 0600, owned by that process's user (here nobody, not the exporter's).
+NPU_FILE = "/tmp/nnc_utilization/nnc_utilizationQz81Xa"
+WRITE_NPU_FILE = (
+    f"mkdir -p {NPU_FILE.rsplit('/', 1)[0]} && printf '37.500000\\n' > {NPU_FILE}"
+    f" && chown nobody:nogroup {NPU_FILE} && chmod 0600 {NPU_FILE}"
+)
+
+
+def check_npu_utilization(gateways: Gateways, gateway: str, enabled: bool) -> None:
+    subprocess.run(["docker", "exec", gateway, "sh", "-c", WRITE_NPU_FILE], check=True, timeout=30)
+    samples = exporter_samples(f"http://{gateways.addresses[gateway]}:{gateways.ports['exporter']}/metrics")
+    ratio = samples.get(("pifarm_npu_utilization_ratio", ()))
+    listed = ("pifarm_exporter_source_up", (("source", "npu_utilization"),)) in samples
+    source = samples.get(("pifarm_exporter_source_up", (("source", "npu_utilization"),)))
+    figure(
+        f"exporter on {gateway}: NPU utilisation reader {'on' if enabled else 'off'}"
+        f" (source up {source}), ratio {ratio}"
+    )
+    if enabled:
+        expect(ratio == 0.375, f"exporter: {gateway} reads HailoRT's mode-0600 utilisation file (37.5 %)")
+    else:
+        expect(ratio is None and not listed, f"exporter: {gateway} reads no NPU utilisation unless asked")
+
+
 async def run(gateways: Gateways) -> None:
     for name, check in (
         ("cluster", lambda: asyncio.to_thread(check_cluster, gateways)),
@@ -270,6 +342,7 @@ async def run(gateways: Gateways) -> None:
         ("routing", lambda: check_routing(gateways)),
         ("streams", lambda: declare_streams(gateways)),
         ("mqtt", lambda: check_mqtt(gateways)),
+        ("exporters", lambda: asyncio.to_thread(check_exporters, gateways)),
     ):
         started = time.monotonic()
         try:

@@ -50,7 +50,7 @@ def docker(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", *argv], capture_output=True, text=True, check=False)
 
 
-def wait_targets_up(prometheus: Prometheus, timeout: float) -> None:
+def wait_targets_up(prometheus: Prometheus, timeout: float, jobs: set[str]) -> None:
     started = time.monotonic()
     while True:
         targets = prometheus.targets()
@@ -69,6 +69,8 @@ def wait_targets_up(prometheus: Prometheus, timeout: float) -> None:
     for target in down:
         print(f"  down: {target['scrapeUrl']}: {target.get('lastError')}", flush=True)
     expect(bool(targets) and not down, f"every target is up ({len(down)} not)")
+    missing = sorted(jobs - set(by_job))
+    expect(not missing, f"Prometheus scrapes every expected job (missing: {missing})")
 
 
 def rule_expressions(container: str) -> list[tuple[str, str]]:
@@ -174,10 +176,14 @@ def main() -> int:
     parser.add_argument("--unit-container")
     parser.add_argument("--alert", help="the alert that stopping --stop-unit raises")
     parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--jobs", default="", help="comma-separated scrape jobs that must have targets")
     args = parser.parse_args()
     prometheus = Prometheus(args.prometheus)
     for name, check in (
-        ("targets", lambda: wait_targets_up(prometheus, args.timeout)),
+        (
+            "targets",
+            lambda: wait_targets_up(prometheus, args.timeout, set(filter(None, args.jobs.split(",")))),
+        ),
         ("rules", lambda: check_expressions(prometheus, rule_expressions(args.container), "alert rules")),
         (
             "dashboard",

@@ -28,7 +28,10 @@ from nats_helpers import (
     closed_port_url,
     write_json,
 )
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from pifarm_agent.exporter import ExporterConfig, registry_for
 from pifarm_agent.jobs import DEAD_STREAM, JOBS_STREAM, WORKER_INBOX_PREFIX, names
 
 ANSWERING = "qwen2.5-0.5b"  # dots: its subject token is qwen2_5-0_5b
@@ -287,6 +290,44 @@ def test_a_job_that_always_fails_ends_as_a_dead_letter(
         f"dead letters after {MAX_DELIVER} deliveries each, {elapsed:.1f} s; reasons: "
         f"{letter['reason']!r}, {long_letter['reason']!r}",
     )
+
+
+def test_the_gateway_exporter_reads_the_queue_of_the_real_server(declared, nats_server, producer_settings):
+    """The farm exporter's job-router source on this nats-server: a job nobody serves is the queue depth."""
+    code, payload, stderr = agent(
+        "submit",
+        "--model",
+        IDLE,
+        "--prompt",
+        "hi",
+        "--id",
+        "idle-depth-1",
+        "--no-wait",
+        "--settings",
+        str(producer_settings),
+    )
+    assert code == 0, (payload, stderr)
+    gateway = ExporterConfig.parse(
+        {"node": "gateway1", "port": 9110, "nats_monitoring_url": f"http://127.0.0.1:{nats_server.http_port}"}
+    )
+    text = generate_latest(registry_for(gateway)).decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("pifarm_exporter_source_up", (("source", "nats"),))] == 1.0
+    assert samples[("pifarm_nats_jetstream_available", ())] == 1.0
+    consumers = {
+        dict(labels)["consumer"]: v
+        for (name, labels), v in samples.items()
+        if name == "pifarm_nats_consumer_pending_messages"
+    }
+    assert set(consumers) == {names(model).consumer for model in MODELS}
+    assert consumers[names(IDLE).consumer] == 1.0
+    assert samples[("pifarm_nats_stream_messages", (("stream", JOBS_STREAM),))] >= 1.0
+    assert ("pifarm_nats_stream_last_sequence", (("stream", DEAD_STREAM),)) in samples
+    assert samples[("pifarm_nats_connections", ())] >= 1.0
 
 
 def test_a_malformed_job_is_a_dead_letter_at_once(node_a, watch):

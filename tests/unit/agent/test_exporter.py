@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import subprocess
+import time
+import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,6 +22,8 @@ from pifarm_agent.exporter import ExporterConfig, ExporterConfigError, registry_
 from pifarm_agent.store import StoreUnreachableError
 
 PI5 = Path(__file__).resolve().parents[1] / "fixtures" / "pi5"
+NATS = Path(__file__).resolve().parents[1] / "fixtures" / "nats"
+NATS_URL = "http://127.0.0.1:8222"
 VCGENCMD = PI5 / "vcgencmd"
 FLAGS = (
     "under_voltage",
@@ -52,9 +60,37 @@ class Commands:
         raise AssertionError(f"unexpected command {argv}")
 
 
-def scrape(cfg: ExporterConfig, commands: Commands | None = None) -> dict[tuple[str, tuple], float]:
+class NatsMonitoring:
+    """Stands in for nats-server's monitoring port: recorded documents by path."""
+
+    def __init__(self, jsz: dict | None = None, *, down: bool = False) -> None:
+        self.documents = {
+            "varz": json.loads((NATS / "varz.json").read_text()),
+            "jsz?accounts=true&streams=true&consumers=true": jsz or recorded_jsz(),
+        }
+        self.down = down
+        self.urls: list[str] = []
+
+    def __call__(self, url: str):
+        self.urls.append(url)
+        if self.down:
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        return copy.deepcopy(self.documents[url.removeprefix(NATS_URL + "/")])
+
+
+def recorded_jsz() -> dict:
+    return json.loads((NATS / "jsz-streams.json").read_text())
+
+
+def scrape(
+    cfg: ExporterConfig,
+    commands: Commands | None = None,
+    nats: NatsMonitoring | None = None,
+    now: Callable[[], float] = time.time,
+) -> dict[tuple[str, tuple], float]:
     """Every sample as {(name, sorted labels): value}, parsed back from the exposition text."""
-    text = generate_latest(registry_for(cfg, run=commands or Commands())).decode()
+    registry = registry_for(cfg, run=commands or Commands(), fetch=nats or NatsMonitoring(down=True), now=now)
+    text = generate_latest(registry).decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -274,3 +310,140 @@ def test_the_active_version_and_the_last_sync_come_from_the_cache(cache, source,
 def test_no_cache_yet_is_an_absent_source(tmp_path):
     samples = scrape(config(cache_root=str(tmp_path / "missing")))
     assert sources(samples)["models"] == 0.0
+
+
+# -- job router (gateways) -----------------------------------------------------------------
+
+
+def gateway(**extra) -> ExporterConfig:
+    return config("non-pi-x86-aggregator", **{"nats_monitoring_url": NATS_URL + "/", **extra})
+
+
+def test_the_job_router_figures_come_from_varz_and_jsz():
+    nats = NatsMonitoring()
+    samples = scrape(gateway(), nats=nats)
+    assert nats.urls == [f"{NATS_URL}/varz", f"{NATS_URL}/jsz?accounts=true&streams=true&consumers=true"]
+    assert sources(samples)["nats"] == 1.0
+    assert value(samples, "pifarm_nats_server_info", server_name="pifarm-itest", version="2.9.10") == 1.0
+    assert value(samples, "pifarm_nats_messages_total", direction="in") == 10.0
+    assert value(samples, "pifarm_nats_bytes_total", direction="out") == 3139.0
+    assert value(samples, "pifarm_nats_routes") == 0.0
+    assert value(samples, "pifarm_nats_slow_consumers_total") == 0.0
+    assert value(samples, "pifarm_nats_jetstream_available") == 1.0
+    # The queue depth: three gemma jobs nobody took yet, one dead letter held.
+    assert value(samples, "pifarm_nats_stream_messages", stream="PIFARM_JOBS") == 3.0
+    assert value(samples, "pifarm_nats_stream_last_sequence", stream="PIFARM_DEAD") == 1.0
+    pending = {
+        dict(labels)["consumer"]: v
+        for (name, labels), v in samples.items()
+        if name == "pifarm_nats_consumer_pending_messages"
+    }
+    assert pending == {"worker-gemma3-270m": 3.0, "worker-qwen2_5-0_5b": 0.0}
+    assert (
+        value(
+            samples,
+            "pifarm_nats_consumer_ack_pending_messages",
+            stream="PIFARM_JOBS",
+            consumer="worker-gemma3-270m",
+        )
+        == 0.0
+    )
+
+
+def test_only_the_leader_of_a_stream_or_consumer_reports_it():
+    """Two gateways both list a replicated stream: the one that does not lead it stays silent."""
+    jsz = recorded_jsz()
+    jobs = jsz["account_details"][0]["stream_detail"][0]
+    jobs["cluster"] = {"leader": "gateway2", "replicas": [{"name": "pifarm-itest", "current": True}]}
+    jobs["consumer_detail"][0]["cluster"] = {"leader": "pifarm-itest"}
+    jobs["consumer_detail"][1]["cluster"] = {"leader": "gateway2"}
+    samples = scrape(gateway(), nats=NatsMonitoring(jsz))
+    assert value(samples, "pifarm_nats_stream_messages", stream="PIFARM_JOBS") is None
+    assert value(samples, "pifarm_nats_stream_messages", stream="PIFARM_DEAD") == 1.0
+    assert (
+        value(
+            samples,
+            "pifarm_nats_consumer_pending_messages",
+            stream="PIFARM_JOBS",
+            consumer="worker-gemma3-270m",
+        )
+        == 3.0
+    )
+    assert (
+        value(
+            samples,
+            "pifarm_nats_consumer_pending_messages",
+            stream="PIFARM_JOBS",
+            consumer="worker-qwen2_5-0_5b",
+        )
+        is None
+    )
+
+
+def test_jetstream_without_a_meta_leader_takes_no_jobs():
+    jsz = recorded_jsz()
+    jsz["meta_cluster"] = {"name": "pifarm", "leader": "", "cluster_size": 2}
+    assert value(scrape(gateway(), nats=NatsMonitoring(jsz)), "pifarm_nats_jetstream_available") == 0.0
+    jsz["meta_cluster"]["leader"] = "gateway2"
+    assert value(scrape(gateway(), nats=NatsMonitoring(jsz)), "pifarm_nats_jetstream_available") == 1.0
+
+
+def test_a_stopped_job_router_is_an_absent_source_not_a_failure():
+    samples = scrape(gateway(), nats=NatsMonitoring(down=True))
+    assert sources(samples)["nats"] == 0.0
+    assert not any(name.startswith("pifarm_nats_") for name, _ in samples)
+    assert sources(samples)["temperature"] == 1.0
+
+
+def test_nodes_do_not_list_the_job_router_source():
+    assert "nats" not in sources(scrape(config()))
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8222", "nats://127.0.0.1:4222", ""])
+def test_the_job_router_url_must_be_http(url):
+    with pytest.raises(ExporterConfigError, match="nats_monitoring_url"):
+        gateway(nats_monitoring_url=url)
+
+
+# -- NPU utilisation (HailoRT with HAILO_MONITOR=1) ---------------------------------------------
+
+NOW = 1_800_000_000.0
+
+
+def utilization_file(root: Path, suffix: str, text: str, age: float) -> Path:
+    """A file as HailoRT's MonitorHandler writes it: std::to_string(percent) and a newline."""
+    directory = root / "tmp" / "nnc_utilization"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"nnc_utilization{suffix}"
+    path.write_text(text)
+    os.utime(path, (NOW - age, NOW - age))
+    return path
+
+
+def npu_scrape(root: Path) -> dict:
+    cfg = ExporterConfig.parse(
+        {"node": "node1", "port": 9110, "root": str(root), "npu_utilization_dir": "/tmp/nnc_utilization"}
+    )
+    return scrape(cfg, now=lambda: NOW)
+
+
+def test_the_npu_utilisation_hailort_writes_is_exported(tmp_path):
+    utilization_file(tmp_path, "Xa81Qz", "37.500000\n", age=0.8)
+    samples = npu_scrape(tmp_path)
+    assert value(samples, "pifarm_npu_utilization_ratio") == 0.375
+    assert sources(samples)["npu_utilization"] == 1.0
+
+
+def test_a_file_left_by_a_process_that_is_gone_is_ignored(tmp_path):
+    utilization_file(tmp_path, "Old000", "99.000000\n", age=3600)
+    samples = npu_scrape(tmp_path)
+    assert value(samples, "pifarm_npu_utilization_ratio") is None
+    assert sources(samples)["npu_utilization"] == 0.0
+    utilization_file(tmp_path, "New111", "12.250000\n", age=1)
+    assert value(npu_scrape(tmp_path), "pifarm_npu_utilization_ratio") == 0.1225
+
+
+def test_no_monitored_process_is_an_absent_source(tmp_path):
+    samples = npu_scrape(tmp_path)
+    assert sources(samples)["npu_utilization"] == 0.0
+    assert "npu_utilization" not in sources(scrape(config()))
