@@ -128,6 +128,27 @@ HERE = Path(__file__).resolve().parent
             "the webhook an http(s) URL",
             id="webhook-not-http",
         ),
+        pytest.param(
+            "monitoring",
+            {"monitoring_alert_job_backlog": 0},
+            "Check monitoring variables before changing anything",
+            "monitoring_alert_job_backlog at least 1",
+            id="backlog-zero",
+        ),
+        pytest.param(
+            "monitoring",
+            {"monitoring_store_bearer_token": ""},
+            "Check monitoring variables before changing anything",
+            "monitoring_store_bearer_token unset or not empty",
+            id="empty-store-token",
+        ),
+        pytest.param(
+            "farm_exporter",
+            {"farm_exporter_npu_utilization": "maybe"},
+            ARGSPEC,
+            "farm_exporter_npu_utilization",
+            id="npu-utilization-not-a-bool",
+        ),
     ],
 )
 def test_bad_input_fails_before_touching_the_host(
