@@ -14,7 +14,10 @@ Every figure is read when Prometheus scrapes, so nothing is older than the scrap
   (``/varz``), whether JetStream can take jobs, and per stream and consumer the messages held,
   pending, awaiting an ack and redelivered (``/jsz``) — the queue depth. nats-server serves only
   JSON and Debian packages no NATS exporter; a stream's or consumer's figures come only from the
-  server that leads it, so two or three gateways never count one queue twice.
+  server that leads it, so two or three gateways never count one queue twice;
+* on a gateway, the front door's request latency: a histogram fed by HAProxy's per-request log
+  lines over UDP on the loopback (:mod:`pifarm_agent.request_log`), since HAProxy keeps no
+  percentiles.
 
 Inference latency and tokens/s are not here: Prometheus scrapes each llama-server's own
 ``/metrics`` (``--metrics``), so nothing is counted twice. A source that is absent (no
@@ -57,6 +60,7 @@ from pifarm_agent.pi_hardware import (
     pci_devices,
     read_temperature_c,
 )
+from pifarm_agent.request_log import EdgeLatency
 
 EXPORTER_KEYS = (
     "node",
@@ -70,6 +74,7 @@ EXPORTER_KEYS = (
     "services",
     "nats_monitoring_url",
     "npu_utilization_dir",
+    "request_log_port",
 )
 COMMAND_TIMEOUT = 5.0
 SOURCES = ("temperature", "throttling", "cpufreq", "npu", "services", "models")
@@ -78,6 +83,9 @@ NATS_SOURCE = "nats"
 # /jsz with every account's streams and their consumers (nats-server's monitoring API).
 NATS_JSZ_QUERY = "jsz?accounts=true&streams=true&consumers=true"
 NPU_UTILIZATION_SOURCE = "npu_utilization"
+EDGE_REQUESTS_SOURCE = "edge_requests"
+# HAProxy runs on the same gateway: its log lines never cross the network.
+REQUEST_LOG_ADDRESS = "127.0.0.1"
 # HailoRT's TempFile names: NNC_UTILIZATION_FILE_NAME plus mkstemp's six characters.
 NPU_UTILIZATION_GLOB = "nnc_utilization??????"
 # HailoRT rewrites the file every second (HAILO_MONITOR_TIME_INTERVAL, default 1000 ms).
@@ -117,6 +125,7 @@ class ExporterConfig:
     services: tuple[Service, ...]
     nats_monitoring_url: str | None = None
     npu_utilization_dir: str | None = None
+    request_log_port: int | None = None
 
     @classmethod
     def parse(cls, data: Any, where: str = "exporter config") -> ExporterConfig:
@@ -129,9 +138,10 @@ class ExporterConfig:
         for key in ("node", "port"):
             if key not in data:
                 raise ExporterConfigError(f"{where}: the key {key} is missing")
-        port = data["port"]
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise ExporterConfigError(f"{where}.port: {port!r} is not a port number")
+        port = _port(data["port"], f"{where}.port")
+        log_port = data.get("request_log_port")
+        if log_port is not None:
+            log_port = _port(log_port, f"{where}.request_log_port")
         root = _text(data.get("root", "/"), f"{where}.root")
         vcgencmd = data.get("vcgencmd")
         if vcgencmd is None and os.path.abspath(root) == "/":
@@ -174,7 +184,14 @@ class ExporterConfig:
                 if data.get("npu_utilization_dir") is not None
                 else None
             ),
+            request_log_port=log_port,
         )
+
+
+def _port(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ExporterConfigError(f"{where}: {value!r} is not a port number")
+    return value
 
 
 def _text(value: Any, where: str) -> str:
@@ -232,11 +249,13 @@ class FarmCollector(Collector):
         run: Runner = run_command,
         fetch: Fetcher = fetch_json,
         now: Callable[[], float] = time.time,
+        edge: EdgeLatency | None = None,
     ) -> None:
         self.config = config
         self.run = run
         self.fetch = fetch
         self.now = now
+        self.edge = edge
         # Reads only: the cache never verifies a signature here, so it needs no public key.
         self.cache = ModelCache(config.cache_root, None) if config.cache_root else None
 
@@ -254,6 +273,8 @@ class FarmCollector(Collector):
             readers.append((NATS_SOURCE, self._nats))
         if self.config.npu_utilization_dir:
             readers.append((NPU_UTILIZATION_SOURCE, self._npu_utilization))
+        if self.config.request_log_port:
+            readers.append((EDGE_REQUESTS_SOURCE, self._edge_requests))
         for source, read in readers:
             try:
                 metrics = list(read())
@@ -325,6 +346,15 @@ class FarmCollector(Collector):
             "Share of the last monitor interval the NPU was busy (HailoRT, HAILO_MONITOR=1)",
             value=percent / 100.0,
         )
+
+    def _edge_requests(self) -> Iterator[Metric]:
+        # The histogram itself is registered beside this collector; this says it is fed.
+        if self.edge is not None and self.edge.listening:
+            yield _gauge(
+                "pifarm_edge_request_log_listening",
+                "1 while the exporter receives HAProxy's request log lines",
+                value=1.0,
+            )
 
     # -- services -------------------------------------------------------------------------
 
@@ -515,16 +545,28 @@ def registry_for(
     run: Runner = run_command,
     fetch: Fetcher = fetch_json,
     now: Callable[[], float] = time.time,
+    listen: bool = False,
 ) -> CollectorRegistry:
+    """The exporter's registry; with ``listen`` the request log port is bound (OSError if taken)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FarmCollector(config, run=run, fetch=fetch, now=now))
+    edge = None
+    if config.request_log_port:
+        edge = EdgeLatency(registry)
+        if listen:
+            edge.listen(REQUEST_LOG_ADDRESS, config.request_log_port)
+    registry.register(FarmCollector(config, run=run, fetch=fetch, now=now, edge=edge))
     return registry
 
 
 def serve(config: ExporterConfig) -> None:
     """Serves /metrics until the process is stopped (systemd's SIGTERM ends it)."""
     try:
-        server, thread = start_http_server(config.port, addr=config.address, registry=registry_for(config))
+        registry = registry_for(config, listen=True)
+    except OSError as exc:
+        where = f"{REQUEST_LOG_ADDRESS}:{config.request_log_port}/udp"
+        raise RuntimeError(f"request log on {where}: {exc.strerror or exc}") from None
+    try:
+        server, thread = start_http_server(config.port, addr=config.address, registry=registry)
     except OSError as exc:
         raise RuntimeError(f"metrics on {config.address}:{config.port}: {exc.strerror or exc}") from None
     print(f"pifarm exporter of {config.node} on http://{config.address}:{config.port}/metrics", flush=True)

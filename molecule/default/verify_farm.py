@@ -220,12 +220,7 @@ def case_exporter(farm: Farm) -> None:
         )
     # The gateway's: HAProxy and nats-server, and the job queue of every served model.
     gateway = exporter["gateway"]
-    text = requests.get(exporter["urls"][gateway], timeout=10).text
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    samples = exporter_samples(exporter["urls"][gateway])
     running = {
         dict(labels)["service"]: v
         for (name, labels), v in samples.items()
@@ -249,8 +244,32 @@ def case_exporter(farm: Farm) -> None:
     expect(consumers <= set(pending), f"exporter: {gateway} reports the queue of {sorted(consumers)}")
 
 
+def exporter_samples(url: str) -> dict[tuple[str, tuple], float]:
+    text = requests.get(url, timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def edge_histogram(farm: Farm) -> tuple[float, float]:
+    """Count and sum of the gateway exporter's latency histogram for the edge backend, answered requests."""
+    exporter = farm.settings["exporter"]
+    samples = exporter_samples(exporter["urls"][exporter["gateway"]])
+    labels = (("backend", farm.backend), ("code_class", "2xx"))
+    return (
+        samples.get(("pifarm_edge_request_duration_seconds_count", labels), 0.0),
+        samples.get(("pifarm_edge_request_duration_seconds_sum", labels), 0.0),
+    )
+
+
 def case_spread(farm: Farm) -> None:
+    before = edge_histogram(farm)
     answers = [farm.complete() for _ in range(16)]
+    # HAProxy sends each line as the response ends; the exporter counts it within milliseconds.
+    time.sleep(1)
+    after = edge_histogram(farm)
     statuses = Counter(answer.status for answer in answers)
     servers = Counter(answer.server for answer in answers)
     figure(f"spread: 16 requests through HAProxy, statuses {dict(statuses)}, servers {dict(servers)}")
@@ -261,6 +280,19 @@ def case_spread(farm: Farm) -> None:
     )
     text = answers[0].body.get("content", "") if answers[0].body else ""
     expect(bool(text.strip()), "spread: the answer has text")
+    counted = after[0] - before[0]
+    haproxy_seconds = after[1] - before[1]
+    client_seconds = sum(answer.seconds for answer in answers)
+    figure(
+        f"edge latency histogram: {counted:.0f} of 16 requests counted; HAProxy's Ta sum"
+        f" {haproxy_seconds:.3f} s, the client's {client_seconds:.3f} s"
+        f" (ratio {haproxy_seconds / client_seconds:.3f})"
+    )
+    expect(counted == 16, f"edge latency: the gateway exporter counted every request ({counted:.0f} of 16)")
+    expect(
+        0.5 * client_seconds <= haproxy_seconds <= client_seconds,
+        "edge latency: HAProxy's request times are within the client's (and above half of them)",
+    )
 
 
 def oversize_request(farm: Farm) -> int:
