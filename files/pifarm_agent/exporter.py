@@ -23,7 +23,8 @@ Inference latency and tokens/s are not here: Prometheus scrapes each llama-serve
 ``/metrics`` (``--metrics``), so nothing is counted twice. A source that is absent (no
 ``vcgencmd`` off a Pi, no thermal zone, no cache yet) is not an error: its metrics are left
 out and ``pifarm_exporter_source_up{source=...}`` says 0 (the job router's and the NPU
-utilisation's sources are listed only where they are configured). HailoRT reports NPU
+utilisation's sources, and the models' without a cache root, are listed only where they are
+configured: a gateway holds no models). HailoRT reports NPU
 utilisation only in the process that owns the device, and only when that process runs with
 ``HAILO_MONITOR=1``: HailoRT then
 writes the device's utilisation in percent, once a second, to
@@ -77,7 +78,6 @@ EXPORTER_KEYS = (
     "request_log_port",
 )
 COMMAND_TIMEOUT = 5.0
-SOURCES = ("temperature", "throttling", "cpufreq", "npu", "services", "models")
 # Listed in pifarm_exporter_source_up only where configured: nodes run no job router.
 NATS_SOURCE = "nats"
 # /jsz with every account's streams and their consumers (nats-server's monitoring API).
@@ -267,8 +267,9 @@ class FarmCollector(Collector):
             ("cpufreq", self._cpufreq),
             ("npu", self._npu),
             ("services", self._services),
-            ("models", self._models),
         ]
+        if self.cache is not None:
+            readers.append(("models", self._models))
         if self.config.nats_monitoring_url:
             readers.append((NATS_SOURCE, self._nats))
         if self.config.npu_utilization_dir:
