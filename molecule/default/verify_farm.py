@@ -37,7 +37,7 @@ import nats
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from measuring import expect, figure, finish
+from measuring import expect, figure, finish, metric_samples
 from pifarm_agent.jobs import DEAD_PREFIX, RESULTS_PREFIX, names, token
 
 SHORT_PROMPT = "The capital of France is"
@@ -220,7 +220,7 @@ def case_exporter(farm: Farm) -> None:
         )
     # The gateway's: HAProxy and nats-server, and the job queue of every served model.
     gateway = exporter["gateway"]
-    samples = exporter_samples(exporter["urls"][gateway])
+    samples = metric_samples(exporter["urls"][gateway])
     running = {
         dict(labels)["service"]: v
         for (name, labels), v in samples.items()
@@ -244,19 +244,10 @@ def case_exporter(farm: Farm) -> None:
     expect(consumers <= set(pending), f"exporter: {gateway} reports the queue of {sorted(consumers)}")
 
 
-def exporter_samples(url: str) -> dict[tuple[str, tuple], float]:
-    text = requests.get(url, timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def edge_histogram(farm: Farm) -> tuple[float, float]:
     """Count and sum of the gateway exporter's latency histogram for the edge backend, answered requests."""
     exporter = farm.settings["exporter"]
-    samples = exporter_samples(exporter["urls"][exporter["gateway"]])
+    samples = metric_samples(exporter["urls"][exporter["gateway"]])
     labels = (("backend", farm.backend), ("code_class", "2xx"))
     return (
         samples.get(("pifarm_edge_request_duration_seconds_count", labels), 0.0),

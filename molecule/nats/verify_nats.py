@@ -24,9 +24,8 @@ import nats
 import paho.mqtt.client as mqtt
 import requests
 from nats.js.errors import BadRequestError
-from prometheus_client.parser import text_string_to_metric_families
 
-from measuring import expect, figure, finish
+from measuring import expect, figure, finish, metric_samples
 from pifarm_agent.jobs import (
     DEAD_STREAM,
     JOBS_STREAM,
@@ -266,22 +265,12 @@ async def declare_streams(gateways: Gateways) -> None:
         await connection.close()
 
 
-def exporter_samples(url: str) -> dict[tuple[str, tuple], float]:
-    response = requests.get(url, timeout=10)
-    response.raise_for_status()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
 def check_exporters(gateways: Gateways) -> None:
     """Each gateway's farm exporter reads its own nats-server; a stream is reported once, by its leader."""
     reporters: dict[str, list[str]] = {JOBS_STREAM: [], DEAD_STREAM: []}
     jobs_held = []
     for gateway, address in gateways.addresses.items():
-        samples = exporter_samples(f"http://{address}:{gateways.ports['exporter']}/metrics")
+        samples = metric_samples(f"http://{address}:{gateways.ports['exporter']}/metrics")
         nats_up = samples.get(("pifarm_exporter_source_up", (("source", "nats"),)))
         available = samples.get(("pifarm_nats_jetstream_available", ()))
         routes = samples.get(("pifarm_nats_routes", ()))
@@ -321,7 +310,7 @@ WRITE_NPU_FILE = (
 
 def check_npu_utilization(gateways: Gateways, gateway: str, enabled: bool) -> None:
     subprocess.run(["docker", "exec", gateway, "sh", "-c", WRITE_NPU_FILE], check=True, timeout=30)
-    samples = exporter_samples(f"http://{gateways.addresses[gateway]}:{gateways.ports['exporter']}/metrics")
+    samples = metric_samples(f"http://{gateways.addresses[gateway]}:{gateways.ports['exporter']}/metrics")
     ratio = samples.get(("pifarm_npu_utilization_ratio", ()))
     listed = ("pifarm_exporter_source_up", (("source", "npu_utilization"),)) in samples
     source = samples.get(("pifarm_exporter_source_up", (("source", "npu_utilization"),)))

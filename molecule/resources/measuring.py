@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import sys
 
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
 failures: list[str] = []
 
 
@@ -29,3 +32,14 @@ def finish(passed: str) -> int:
         return 1
     print(passed)
     return 0
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample a Prometheus endpoint serves, as {(name, sorted labels): value}."""
+    response = requests.get(url, timeout=10)
+    response.raise_for_status()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }

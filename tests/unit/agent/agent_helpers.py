@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import minisign
+from prometheus_client.parser import text_string_to_metric_families
 
 from pifarm_agent.manifest import Manifest
 from pifarm_agent.signing import sign_manifest
@@ -143,4 +144,13 @@ def links(cache) -> dict[str, str]:
         link: os.readlink(directory / link)
         for link in ("current", "previous")
         if (directory / link).is_symlink()
+    }
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus exposition, as {(name, sorted labels): value}."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }

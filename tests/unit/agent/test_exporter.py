@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from agent_helpers import NAME, publish
+from agent_helpers import NAME, metric_samples, publish
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pifarm_agent import exporter
 from pifarm_agent.exporter import ExporterConfig, ExporterConfigError, registry_for
@@ -90,12 +89,7 @@ def scrape(
 ) -> dict[tuple[str, tuple], float]:
     """Every sample as {(name, sorted labels): value}, parsed back from the exposition text."""
     registry = registry_for(cfg, run=commands or Commands(), fetch=nats or NatsMonitoring(down=True), now=now)
-    text = generate_latest(registry).decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return metric_samples(generate_latest(registry).decode())
 
 
 def value(samples: dict, name: str, **labels) -> float | None:

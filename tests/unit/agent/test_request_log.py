@@ -6,8 +6,8 @@ import socket
 import time
 
 import pytest
+from agent_helpers import metric_samples
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pifarm_agent.exporter import ExporterConfig, registry_for
 from pifarm_agent.request_log import EdgeLatency, code_class, parse_line
@@ -35,11 +35,7 @@ REFUSED = (
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(generate_latest(registry).decode())
-        for sample in family.samples
-    }
+    return metric_samples(generate_latest(registry).decode())
 
 
 def test_the_recorded_datagram_parses():
