@@ -31,21 +31,20 @@ bootstrap:
 venv:
 	@scripts/testbed.sh venv
 
-# The store comes up first and gets the test model, as an operator would
-# publish theirs, so the nodes find it on their first sync.
-farm: bootstrap
-	@scripts/farm-keys.sh >/dev/null
-	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm.yml
-	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) playbooks/site.yml --limit pifarm_storage
-	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/publish_test_model.yml
-	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) playbooks/site.yml
-	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_answer.yml
+# scripts/farm.sh: the test bed, the llama.cpp build (or its cache), the
+# containers, the store, the chat model published, the site playbook, and a
+# chat prompt answered; each stage timed. The store comes up first and gets
+# the model, as an operator would publish theirs, so the nodes find it on
+# their first sync.
+farm:
+	@scripts/farm.sh
 
 # Ask the running local farm: once through HAProxy, once as a NATS job.
-PROMPT ?= Name the largest planet of the solar system.
+PROMPT ?= What is the capital of France?
 prompt: export PIFARM_PROMPT = $(PROMPT)
 prompt: venv
-	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_answer.yml
+	@$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_answer.yml
+	@cat build/farm.txt
 
 farm-down: venv
 	$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_down.yml
