@@ -37,7 +37,7 @@ the same ``nats`` object:
   limits; creates or updates the streams and one consumer per model (exit 2 when something
   changed or, with ``--check``, would change; 0 when all is as declared);
 * ``worker --config FILE``: runs until SIGTERM/SIGINT, then exits 0;
-* ``submit --model M --prompt P [--n-predict N] [--id ID] [--timeout S] [--no-wait]``:
+* ``submit --model M --prompt P [--chat] [--n-predict N] [--id ID] [--timeout S] [--no-wait]``:
   exit 0 with the result (or, with ``--no-wait``, the stream's ack); 1 when no result came
   within the timeout;
 * ``dead --model M [--limit N]``: lists the model's dead letters (exit 0).
@@ -411,6 +411,9 @@ def _job_parsers(top: argparse._SubParsersAction) -> None:
     )
     submit.add_argument("--model", required=True)
     submit.add_argument("--prompt", required=True)
+    submit.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message, through the chat template"
+    )
     submit.add_argument("--n-predict", type=int, default=64, help="tokens to generate (default 64)")
     submit.add_argument("--id", dest="job_id", help="the job id, also its dedup key (default: a new UUID)")
     submit.add_argument(
@@ -848,7 +851,13 @@ def cmd_job_worker(args: argparse.Namespace, secrets: list[str]) -> tuple[int, d
 def cmd_job_submit(args: argparse.Namespace, secrets: list[str]) -> tuple[int, dict[str, Any]]:
     settings = connection_settings(_job_settings(args.settings))
     secrets.extend(settings.secrets())
-    job = Job(id=args.job_id or new_job_id(), model=args.model, prompt=args.prompt, n_predict=args.n_predict)
+    job = Job(
+        id=args.job_id or new_job_id(),
+        model=args.model,
+        prompt="" if args.chat else args.prompt,
+        n_predict=args.n_predict,
+        messages=(("user", args.prompt),) if args.chat else None,
+    )
     payload = asyncio.run(submit(settings, job, wait=not args.no_wait, timeout=args.timeout))
     return EXIT_OK, {"status": "queued" if args.no_wait else "answered", "changed": False, **payload}
 

@@ -1,4 +1,4 @@
-"""The job path (ARCHITECTURE.md flow 2): NATS JetStream work queue → worker → llama-server → result.
+"""The job path (docs/architecture.md, flow 2): NATS JetStream work queue → worker → llama-server → result.
 
 Names, one place for all of them (:func:`names`, the constants below):
 
@@ -17,9 +17,11 @@ id travels in the payload too.
 
 Messages (JSON):
 
-* job: ``{"id", "model", "prompt", "n_predict" (optional, default 64), "reply_to" (optional)}``;
-  ``id`` is 1-128 of ``[A-Za-z0-9_-]`` (it becomes a subject token), ``reply_to`` a subject
-  under ``pifarm.results.`` (workers may publish nowhere else);
+* job: ``{"id", "model", "prompt" or "messages", "n_predict" (optional, default 64), "reply_to"
+  (optional)}``; ``id`` is 1-128 of ``[A-Za-z0-9_-]`` (it becomes a subject token), ``reply_to`` a
+  subject under ``pifarm.results.`` (workers may publish nowhere else). ``prompt`` is raw text for
+  llama-server's ``/completion``; ``messages`` (``[{"role", "content"}]``, OpenAI's chat form) go
+  through the model's chat template (``/v1/chat/completions``), which instruction-tuned models need;
 * result: ``{"id", "model", "node", "text", "tokens_predicted", "latency_ms", "deliveries"}``;
 * dead letter: the job's fields (``{"raw": text}`` when it was not a JSON object) plus
   ``{"reason", "deliveries", "node"}``.
@@ -68,6 +70,7 @@ CONSUMER_DESCRIPTION = "pifarm jobs of model "
 DEFAULT_N_PREDICT = 64
 MAX_N_PREDICT = 32768
 MAX_MODEL_NAME = 128
+CHAT_ROLES = ("system", "user", "assistant")
 JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 # A subject token: no separators, wildcards or whitespace.
@@ -427,14 +430,21 @@ def _worker_model(value: Any, where: str) -> WorkerModel:
 
 @dataclass(frozen=True)
 class Job:
+    """A completion of ``prompt``, or, with ``messages`` set, a chat turn (``prompt`` is then empty)."""
+
     id: str
     model: str
     prompt: str
     n_predict: int = DEFAULT_N_PREDICT
     reply_to: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
     def payload(self) -> bytes:
-        body: dict[str, Any] = {"id": self.id, "model": self.model, "prompt": self.prompt}
+        body: dict[str, Any] = {"id": self.id, "model": self.model}
+        if self.messages is not None:
+            body["messages"] = self.chat_messages()
+        else:
+            body["prompt"] = self.prompt
         body["n_predict"] = self.n_predict
         if self.reply_to:
             body["reply_to"] = self.reply_to
@@ -443,6 +453,26 @@ class Job:
     @property
     def result_subject(self) -> str:
         return self.reply_to or result_subject(self.id)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages or ()]
+
+
+def _chat_messages(value: Any) -> tuple[tuple[str, str], ...] | str:
+    """The messages as (role, content) pairs, or what is wrong with them."""
+    if not isinstance(value, list) or not value:
+        return "messages must be a non-empty list of {role, content}"
+    pairs = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"role", "content"}:
+            return f"messages[{i}] must be an object with exactly role and content"
+        role, content = item["role"], item["content"]
+        if role not in CHAT_ROLES:
+            return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r:.40}"
+        if not isinstance(content, str) or not content:
+            return f"messages[{i}].content must be a non-empty string"
+        pairs.append((role, content))
+    return tuple(pairs)
 
 
 class MalformedJobError(ValueError):
@@ -497,16 +527,27 @@ def parse_job(data: bytes, subject_token: str | None = None) -> Job:
         raise bad(f"model must be a non-empty string, got {model!r:.60}")
     if subject_token is not None and token(model) != subject_token:
         raise bad(f"model {model!r:.60} does not belong on the subject of {subject_token!r}")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise bad("prompt must be a non-empty string" if "prompt" in body else "prompt is missing")
+    messages = None
+    if "messages" in body:
+        if "prompt" in body:
+            raise bad("a job has a prompt or messages, not both")
+        messages = _chat_messages(body["messages"])
+        if isinstance(messages, str):
+            raise bad(messages)
+        prompt = ""
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise bad("prompt must be a non-empty string" if "prompt" in body else "prompt is missing")
     n_predict = body.get("n_predict", DEFAULT_N_PREDICT)
     if not isinstance(n_predict, int) or isinstance(n_predict, bool) or not 1 <= n_predict <= MAX_N_PREDICT:
         raise bad(f"n_predict must be an integer from 1 to {MAX_N_PREDICT}, got {n_predict!r:.40}")
     reply_to = body.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or not _reply_to_ok(reply_to)):
         raise bad(f"reply_to must be a subject under {RESULTS_PREFIX}., got {reply_to!r:.80}")
-    return Job(id=job_id, model=model, prompt=prompt, n_predict=n_predict, reply_to=reply_to)
+    return Job(
+        id=job_id, model=model, prompt=prompt, n_predict=n_predict, reply_to=reply_to, messages=messages
+    )
 
 
 @dataclass(frozen=True)

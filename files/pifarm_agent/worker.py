@@ -84,7 +84,8 @@ class Completion:
 
 
 class LlamaClient:
-    """POST /completion on a local llama-server (its native API), one pool for all threads."""
+    """A job on a local llama-server, one pool for all threads: a prompt through its native
+    ``/completion``, chat messages through ``/v1/chat/completions`` (the model's chat template)."""
 
     def __init__(self, request_timeout: float, max_connections: int) -> None:
         self.request_timeout = request_timeout
@@ -98,10 +99,16 @@ class LlamaClient:
         headers = {"Content-Type": "application/json"}
         if model.api_key:
             headers["Authorization"] = f"Bearer {model.api_key}"
-        body = json.dumps({"prompt": job.prompt, "n_predict": job.n_predict}).encode()
+        if job.messages is not None:
+            # The chat route applies the model's chat template, as instruction-tuned models need.
+            path = "/v1/chat/completions"
+            body = json.dumps({"messages": job.chat_messages(), "max_tokens": job.n_predict}).encode()
+        else:
+            path = "/completion"
+            body = json.dumps({"prompt": job.prompt, "n_predict": job.n_predict}).encode()
         where = f"llama-server {model.url}"
         try:
-            response = self.pool.request("POST", f"{model.url}/completion", body=body, headers=headers)
+            response = self.pool.request("POST", f"{model.url}{path}", body=body, headers=headers)
         # NewConnectionError is a ConnectTimeoutError to urllib3: the order matters.
         except NewConnectionError as exc:
             raise LlamaError(f"{where}: cannot connect ({_errno_text(exc)})") from None
@@ -115,10 +122,15 @@ class LlamaClient:
             raise LlamaError(f"{where}: HTTP {response.status}: {_error_text(response.data)}")
         try:
             answer = json.loads(response.data)
+            if job.messages is not None:
+                return Completion(
+                    text=str(answer["choices"][0]["message"]["content"]),
+                    tokens_predicted=int(answer.get("usage", {}).get("completion_tokens", 0)),
+                )
             return Completion(
                 text=str(answer["content"]), tokens_predicted=int(answer.get("tokens_predicted", 0))
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError):
             raise LlamaError(f"{where}: HTTP {response.status} but no completion in the answer") from None
 
 

@@ -192,6 +192,26 @@ def test_submit_is_answered_by_a_worker_with_real_llama_text(node_a, producer_se
     assert PASSWORDS["worker"] not in node_a.log_text()
 
 
+def test_a_chat_job_is_answered_through_the_chat_route(node_a, producer_settings):
+    code, answer, stderr = agent(
+        "submit",
+        "--model",
+        ANSWERING,
+        "--prompt",
+        "Say hello.",
+        "--chat",
+        "--n-predict",
+        "8",
+        "--settings",
+        str(producer_settings),
+    )
+    assert code == 0, (answer, stderr)
+    assert answer["text"].strip()
+    assert 1 <= answer["tokens_predicted"] <= 8
+    # /completion would have continued the raw text; the chat route's answer is the assistant's turn.
+    assert "Say hello." not in answer["text"]
+
+
 def test_same_id_twice_is_one_job(node_a, nats_server, producer_settings, watch):
     job_id = "dedup-1"
     argv = ["submit", "--model", ANSWERING, "--prompt", "Count to three:", "--n-predict", "4", "--id", job_id]

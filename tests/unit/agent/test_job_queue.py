@@ -249,6 +249,50 @@ def test_malformed_jobs_say_why(data, reason):
     assert isinstance(raised.value.original, dict)
 
 
+def test_a_chat_job_keeps_its_messages_and_sends_them_back_alike():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    data = json.dumps({"id": "j-1", "model": "qwen2.5-0.5b", "messages": messages}).encode()
+    parsed = parse_job(data, "qwen2_5-0_5b")
+    assert parsed.messages == (("system", "Be brief."), ("user", "Hi"))
+    assert parsed.chat_messages() == messages
+    assert json.loads(parsed.payload()) == {
+        "id": "j-1",
+        "model": "qwen2.5-0.5b",
+        "messages": messages,
+        "n_predict": 64,
+    }
+    assert parse_job(parsed.payload()) == parsed
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([], "messages must be a non-empty list of {role, content}"),
+        ("Hi", "messages must be a non-empty list of {role, content}"),
+        ([{"role": "user"}], "messages[0] must be an object with exactly role and content"),
+        (
+            [{"role": "user", "content": "Hi", "name": "x"}],
+            "messages[0] must be an object with exactly role and content",
+        ),
+        (
+            [{"role": "tool", "content": "Hi"}],
+            "messages[0].role must be one of system, user, assistant, got 'tool'",
+        ),
+        ([{"role": "user", "content": ""}], "messages[0].content must be a non-empty string"),
+    ],
+)
+def test_malformed_chat_messages_say_why(messages, reason):
+    data = json.dumps({"id": "j-1", "model": "qwen2.5-0.5b", "messages": messages}).encode()
+    with pytest.raises(MalformedJobError) as raised:
+        parse_job(data)
+    assert raised.value.reason == f"malformed job: {reason}"
+
+
+def test_a_job_with_a_prompt_and_messages_is_refused():
+    with pytest.raises(MalformedJobError, match="a prompt or messages, not both"):
+        parse_job(job(messages=[{"role": "user", "content": "Hi"}]))
+
+
 def test_a_malformed_job_keeps_its_id_when_it_has_a_good_one():
     with pytest.raises(MalformedJobError) as raised:
         parse_job(job(prompt=None), "qwen2_5-0_5b")
