@@ -78,6 +78,12 @@ options:
       - Fail when the aggregate rate, all tokens generated divided by the sum of the prompts'
         latencies, is below this.
     type: float
+  max_ttft_ms:
+    description:
+      - Fail when the p95 time to first token of the prompts is above this many milliseconds. With
+        fewer than 20 prompts the p95 is the slowest prompt's.
+    type: float
+    version_added: 0.2.0
   validate_certs:
     description:
       - Verify the server's TLS certificate for an C(https) URL.
@@ -210,6 +216,11 @@ ttft_mean_ms:
   returned: when every prompt was answered
   type: float
   sample: 58.9
+ttft_p95_ms:
+  description: 95th percentile time to first token over the prompts (nearest rank).
+  returned: when every prompt was answered
+  type: float
+  sample: 61.2
 tokens:
   description: Tokens generated over all prompts.
   returned: when every prompt was answered
@@ -465,6 +476,7 @@ def aggregate(results: list[dict]) -> dict:
         "latency_p50_ms": nearest_rank(latencies, 0.50),
         "latency_p95_ms": nearest_rank(latencies, 0.95),
         "ttft_mean_ms": round(sum(r["ttft_ms"] for r in results) / len(results), 1),
+        "ttft_p95_ms": nearest_rank([r["ttft_ms"] for r in results], 0.95),
         "tokens": tokens,
         "tokens_per_second": round(tokens / total_seconds, 2) if total_seconds > 0 else 0.0,
     }
@@ -476,6 +488,11 @@ def missed_thresholds(params: dict, figures: dict) -> list[str]:
         missed.append(
             f"p95 latency {figures['latency_p95_ms']:.1f} ms is above max_latency_ms "
             f"{params['max_latency_ms']:g} (p50 {figures['latency_p50_ms']:.1f} ms)"
+        )
+    if params["max_ttft_ms"] is not None and figures["ttft_p95_ms"] > params["max_ttft_ms"]:
+        missed.append(
+            f"p95 time to first token {figures['ttft_p95_ms']:.1f} ms is above max_ttft_ms "
+            f"{params['max_ttft_ms']:g} (mean {figures['ttft_mean_ms']:.1f} ms)"
         )
     if (
         params["min_tokens_per_second"] is not None
@@ -513,6 +530,7 @@ def main() -> None:
             "timeout": {"type": "float", "default": 60},
             "max_latency_ms": {"type": "float"},
             "min_tokens_per_second": {"type": "float", "no_log": False},
+            "max_ttft_ms": {"type": "float"},
             "validate_certs": {"type": "bool", "default": True},
             "ca_path": {"type": "path"},
         },

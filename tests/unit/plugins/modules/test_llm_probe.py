@@ -351,6 +351,18 @@ def test_latency_threshold_missed_fails_with_the_figures(server):
     assert result["changed"] is False
 
 
+def test_ttft_threshold_missed_fails_with_the_figures(server):
+    result = probe_fails(
+        server.serve(Script(CHAT, before_head=0.3)), prompts=[PLANET, PLANET], max_ttft_ms=100
+    )
+    assert result["ttft_p95_ms"] == max(r["ttft_ms"] for r in result["results"]) >= 300
+    assert (
+        f"p95 time to first token {result['ttft_p95_ms']:.1f} ms is above max_ttft_ms 100 (mean "
+        in result["msg"]
+    )
+    assert "latency" not in result["msg"]
+
+
 def test_rate_threshold_missed_fails_with_the_figures(server):
     result = probe_fails(server.serve(CHAT), prompts=[PLANET, PLANET], min_tokens_per_second=100000)
     assert (
@@ -373,7 +385,9 @@ def test_both_thresholds_missed_are_both_reported(server):
 
 
 def test_thresholds_met_pass(server):
-    result = probe(server.serve(CHAT), prompts=[PLANET], max_latency_ms=60000, min_tokens_per_second=1)
+    result = probe(
+        server.serve(CHAT), prompts=[PLANET], max_latency_ms=60000, min_tokens_per_second=1, max_ttft_ms=60000
+    )
     assert result["results"][0]["tokens"] == 32
 
 
