@@ -642,12 +642,16 @@ def cmd_verify(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict
 
 def cmd_activate(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     cache = _cache(config)
+    before = cache.current(args.name)
     changed, entry = cache.activate(args.name, args.ref, allow_downgrade=args.allow_downgrade)
     verb = "activated" if changed else "already active"
     return (EXIT_CHANGED if changed else EXIT_OK), {
         "status": "changed" if changed else "unchanged",
         "changed": changed,
         "message": f"model {args.name} {entry.version} ({entry.sha256[:12]}) {verb}",
+        "version": entry.version,
+        "sha256": entry.sha256,
+        "from": _version_sha(before),
         "current": entry.to_dict(),
         "previous": _dict(cache.previous(args.name)),
     }

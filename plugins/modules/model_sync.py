@@ -86,6 +86,25 @@ options:
         number with other content). Without it such a switch fails and the current model stays.
     type: bool
     default: false
+  cached_only:
+    description:
+      - With O(state=active), make O(version) current from the cache alone, without asking the store:
+        the version must be cached (fetched and verified before); its signature and size are checked
+        again, and the switch is the same atomic link switch. The rollback path, which works while the
+        store is down. O(version) must be a version, not V(latest).
+    type: bool
+    default: false
+    version_added: 0.2.0
+  keep_current:
+    description:
+      - With O(state=active), make the version current only when the model has no current version
+        yet; when it has one, fetch and verify the version without switching (as O(state=present))
+        and report RV(kept_current=true).
+      - For a model a llama-server serves: its switch belongs to the staged rollout
+        (C(playbooks/rollout_model.yml)), which drains the node first, and never to a plain run.
+    type: bool
+    default: false
+    version_added: 0.2.0
 author:
   - pifarm.inference maintainers (@pifarm)
 attributes:
@@ -190,6 +209,21 @@ active_sha256:
   returned: always
   type: str
   sample: a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+kept_current:
+  description: With O(keep_current), true when the model had a current version that was kept.
+  returned: when O(state=active)
+  type: bool
+  sample: true
+  version_added: 0.2.0
+target_version:
+  description:
+    - With O(state=active) or O(state=present), the version this run fetched and verified, or found
+      verified in the cache (V(latest) resolved to the store's newest); null when the store could not
+      be reached.
+  returned: when O(state=active) or O(state=present)
+  type: str
+  sample: 1.1.0
+  version_added: 0.2.0
 previous_version:
   description: The version kept as C(previous) for rollback after the run; null when none.
   returned: always
@@ -264,7 +298,8 @@ def agent_environment(params: dict) -> dict[str, str]:
 
 def run_agent(module: AnsibleModule, argv: list[str]) -> tuple[int, dict]:
     """Run the agent; fail unless it exited 0 or 2 with its JSON result."""
-    what = f"{'remove' if module.params['state'] == 'absent' else 'sync'} model {module.params['name']}"
+    verb = argv[2] if len(argv) > 2 and argv[2] in ("remove", "activate") else "sync"
+    what = f"{verb} model {module.params['name']}"
     rc, stdout, stderr = module.run_command(argv, environ_update=agent_environment(module.params))
     if rc == EXIT_USAGE:
         module.fail_json(
@@ -328,6 +363,58 @@ def remove_outcome(payload: dict, check_mode: bool) -> tuple[dict | None, dict |
     return before, after, previous and previous["version"]
 
 
+def cache_entries(module: AnsibleModule, agent: str) -> list[dict]:
+    """The model's cached versions, each with its role (current, previous or none): the agent's listing."""
+    params = module.params
+    argv = [agent, "model", "list", params["name"], "--json"]
+    for option, flag in CACHE_FLAGS:
+        if params[option] is not None:
+            argv += [flag, params[option]]
+    rc, stdout, stderr = module.run_command(argv, environ_update=C_LOCALE)
+    try:
+        entries = json.loads(stdout)["cache"][params["name"]]["entries"]
+    except (ValueError, KeyError, TypeError):
+        module.fail_json(
+            msg=f"list model {params['name']}: pifarm-agent {agent} printed no cache listing (exit {rc})",
+            rc=rc,
+            cmd=argv,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    return entries
+
+
+def activate_cached(module: AnsibleModule, agent: str) -> tuple[int, dict]:
+    """``cached_only``: the agent's activate (offline), or in check mode its outcome read off the cache."""
+    params = module.params
+    if not module.check_mode:
+        argv = [agent, "model", "activate", params["name"], params["version"], "--json"]
+        # The signature is checked again before the switch, with the trusted key, not the store.
+        flags = (*CACHE_FLAGS, ("public_key", "--public-key"))
+        argv += [
+            arg for option, flag in flags if params[option] is not None for arg in (flag, params[option])
+        ]
+        if params["allow_downgrade"]:
+            argv.append("--allow-downgrade")
+        return run_agent(module, argv)
+    entries = cache_entries(module, agent)
+    target = next((e for e in entries if e["version"] == params["version"]), None)
+    if target is None:
+        module.fail_json(msg=f"activate model {params['name']}: version {params['version']} is not cached")
+    current = next((e for e in entries if e.get("role") == "current"), None)
+    changed = current is None or current["sha256"] != target["sha256"]
+    return (EXIT_CHANGED if changed else EXIT_OK), {
+        "status": "changed" if changed else "unchanged",
+        "message": f"model {params['name']} {target['version']} ({target['sha256'][:12]}) "
+        + ("would be activated" if changed else "already active"),
+        "version": target["version"],
+        "from": current and {"version": current["version"], "sha256": current["sha256"]},
+        "to": {"version": target["version"], "sha256": target["sha256"]},
+        "would_switch": changed,
+        "previous": current if changed else next((e for e in entries if e.get("role") == "previous"), None),
+    }
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
@@ -343,12 +430,29 @@ def main() -> None:
             "public_key": {"type": "path"},
             "cache_root": {"type": "path"},
             "allow_downgrade": {"type": "bool", "default": False},
+            "keep_current": {"type": "bool", "default": False},
+            "cached_only": {"type": "bool", "default": False},
         },
+        mutually_exclusive=[("keep_current", "cached_only")],
         supports_check_mode=True,
     )
     params = module.params
     agent = find_agent(module)
-    rc, payload = run_agent(module, build_argv(params, agent, module.check_mode))
+    if params["cached_only"] and (params["state"] != "active" or params["version"] == "latest"):
+        module.fail_json(
+            msg=f"model {params['name']}: cached_only makes a named cached version current: it needs "
+            f"state=active and a version, not state={params['state']} version={params['version']}"
+        )
+    kept_current = (
+        params["state"] == "active"
+        and params["keep_current"]
+        and any(entry.get("role") == "current" for entry in cache_entries(module, agent))
+    )
+    argv_params = {**params, "state": "present"} if kept_current else params
+    if params["cached_only"]:
+        rc, payload = activate_cached(module, agent)
+    else:
+        rc, payload = run_agent(module, build_argv(argv_params, agent, module.check_mode))
 
     if params["state"] == "absent":
         before, after, previous_version = remove_outcome(payload, module.check_mode)
@@ -367,7 +471,11 @@ def main() -> None:
     }
     if params["state"] == "absent":
         result["removed_versions"] = [entry["version"] for entry in payload.get("removed", [])]
-    elif module.check_mode:
+    else:
+        result["target_version"] = payload.get("version")
+    if params["state"] == "active":
+        result["kept_current"] = kept_current
+    if params["state"] != "absent" and module.check_mode:
         result["would_fetch_bytes"] = payload.get("would_fetch_bytes", 0)
     if payload["status"] == "served-from-cache":
         module.warn(payload["message"])

@@ -146,6 +146,46 @@ def test_present_fetches_without_switching_and_active_then_fetches_nothing(base,
     assert (result["changed"], result["bytes_fetched"], result["active_version"]) == (True, 0, "1.1.0")
 
 
+def test_keep_current_prefetches_and_keeps_the_current_version(base, cache_root, newer_model, tmp_path):
+    sha = manifest_for(newer_model, "1.1.0").sha256
+    check = ok(**base, keep_current=True, _ansible_check_mode=True)
+    assert (check["kept_current"], check["active_version"], check["target_version"]) == (
+        True,
+        "1.0.0",
+        "1.1.0",
+    )
+    result = ok(**base, keep_current=True)
+    assert (result["changed"], result["kept_current"], result["target_version"]) == (True, True, "1.1.0")
+    assert (result["active_version"], result["active_sha256"]) == ("1.0.0", MODEL_SHA256)
+    assert (cache_root / "models" / NAME / sha / "model.gguf").is_file()
+    # A node with nothing current yet takes the version as its first.
+    fresh = ok(**{**base, "cache_root": str(tmp_path / "fresh")}, keep_current=True)
+    assert (fresh["kept_current"], fresh["active_version"]) == (False, "1.1.0")
+
+
+def test_cached_only_switches_back_without_the_store(base, newer_model):
+    sha = manifest_for(newer_model, "1.1.0").sha256
+    assert ok(**base)["active_version"] == "1.1.0"
+    offline = {**base, "endpoint": "http://127.0.0.1:9"}  # nothing listens: the store is down
+    refused = failed(**offline, version="1.0.0", cached_only=True)
+    assert "older than the active version 1.1.0" in refused["msg"]
+    check = ok(**offline, version="1.0.0", cached_only=True, allow_downgrade=True, _ansible_check_mode=True)
+    assert (check["changed"], check["active_version"], check["previous_version"]) == (True, "1.0.0", "1.1.0")
+    result = ok(**offline, version="1.0.0", cached_only=True, allow_downgrade=True, _ansible_diff=True)
+    assert (result["changed"], result["active_version"], result["previous_version"]) == (
+        True,
+        "1.0.0",
+        "1.1.0",
+    )
+    assert result["diff"]["before"] == line("1.1.0", sha)
+    assert result["diff"]["after"] == line("1.0.0", MODEL_SHA256)
+    again = ok(**offline, version="1.0.0", cached_only=True, allow_downgrade=True)
+    assert again["changed"] is False
+    missing = failed(**offline, version="9.9.9", cached_only=True)
+    assert "9.9.9" in missing["msg"]
+    assert "cached_only makes a named cached version current" in failed(**offline, cached_only=True)["msg"]
+
+
 def test_an_older_version_needs_allow_downgrade(base):
     assert ok(**base)["active_version"] == "1.1.0"
     result = failed(**base, version="1.0.0")

@@ -133,6 +133,8 @@ def test_active_runs_sync_with_the_store_flags_and_credentials_only_in_the_envir
         "active_version": "1.1.0",
         "active_sha256": SHA_NEW,
         "previous_version": "1.0.0",
+        "target_version": SYNCED["version"],
+        "kept_current": False,
     }
 
 
