@@ -40,7 +40,7 @@ farm:
 	@scripts/farm.sh
 
 # Ask the running local farm: once through HAProxy, once as a NATS job.
-PROMPT ?= What is the capital of France?
+PROMPT ?= Write one short sentence about cats.
 prompt: export PIFARM_PROMPT = $(PROMPT)
 prompt: venv
 	@$(VENV)/bin/ansible-playbook -i $(LOCAL_INVENTORY) molecule/resources/farm_answer.yml
