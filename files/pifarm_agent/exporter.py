@@ -376,6 +376,12 @@ class FarmCollector(Collector):
             "User and system CPU time of the unit's processes",
             labels=["service"],
         )
+        # changes() over it counts restarts: the rollout's gate and the dashboard read it.
+        started = _gauge(
+            "pifarm_service_start_time_seconds",
+            "Start time of the unit's main process (Unix time)",
+            "service",
+        )
         for name, unit in watched:
             pid = self._main_pid(unit)
             processes = _process_tree(pid)
@@ -385,7 +391,8 @@ class FarmCollector(Collector):
             memory.add_metric([name], float(sum(process.memory_info().rss for process in processes)))
             times = [process.cpu_times() for process in processes]
             cpu.add_metric([name], sum(time.user + time.system for time in times))
-        yield from (running, memory, cpu)
+            started.add_metric([name], processes[0].create_time())
+        yield from (running, memory, cpu, started)
 
     # -- models ---------------------------------------------------------------------------
 

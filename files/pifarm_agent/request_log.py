@@ -3,7 +3,7 @@
 HAProxy keeps averages and maxima of its timers, no percentiles, so the gateway's HAProxy
 also sends each request's log line (``option httplog``, syslog over UDP on the loopback) to
 the farm exporter, which counts ``Ta`` — the time from the request's arrival to the end of
-the response — into ``pifarm_edge_request_duration_seconds{backend,code_class}``.
+the response — into ``pifarm_edge_request_duration_seconds{backend,server,code_class}``.
 Prometheus computes p50/p95/p99 from it (``histogram_quantile``); the edge SLO alert uses
 the p95.
 
@@ -73,7 +73,8 @@ class EdgeLatency:
         self.requests = Histogram(
             "pifarm_edge_request_duration_seconds",
             "Time from a request's arrival at the front door to the end of its response (HAProxy Ta)",
-            ["backend", "code_class"],
+            # server: a rollout's gate compares the p95 of the switched nodes' servers with the others'.
+            ["backend", "server", "code_class"],
             buckets=BUCKETS,
             registry=registry,
         )
@@ -89,7 +90,9 @@ class EdgeLatency:
         if request is None:
             self.ignored.inc()
             return False
-        self.requests.labels(request.backend, code_class(request.status)).observe(request.seconds)
+        self.requests.labels(request.backend, request.server, code_class(request.status)).observe(
+            request.seconds
+        )
         return True
 
     def listen(self, address: str, port: int) -> tuple[str, int]:

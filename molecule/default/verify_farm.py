@@ -248,10 +248,17 @@ def edge_histogram(farm: Farm) -> tuple[float, float]:
     """Count and sum of the gateway exporter's latency histogram for the edge backend, answered requests."""
     exporter = farm.settings["exporter"]
     samples = metric_samples(exporter["urls"][exporter["gateway"]])
-    labels = (("backend", farm.backend), ("code_class", "2xx"))
-    return (
-        samples.get(("pifarm_edge_request_duration_seconds_count", labels), 0.0),
-        samples.get(("pifarm_edge_request_duration_seconds_sum", labels), 0.0),
+
+    def total(name: str) -> float:
+        # Summed over the backend's servers (the histogram has one series per server).
+        return sum(
+            value
+            for (sample, labels), value in samples.items()
+            if sample == name and {("backend", farm.backend), ("code_class", "2xx")} <= set(labels)
+        )
+
+    return total("pifarm_edge_request_duration_seconds_count"), total(
+        "pifarm_edge_request_duration_seconds_sum"
     )
 
 

@@ -216,6 +216,9 @@ class FakeProcess:
         _, user, system, _ = self.table[self.pid]
         return type("Times", (), {"user": user, "system": system})()
 
+    def create_time(self):
+        return 1_765_000_000.0 + self.pid
+
     def children(self, recursive: bool = False):
         found = []
         for child in self.table[self.pid][3]:
@@ -253,6 +256,10 @@ def test_services_report_the_memory_and_cpu_of_their_process_trees(processes):
     assert value(samples, "pifarm_service_cpu_seconds_total", service="llama-server@gemma") == 322.75
     assert value(samples, "pifarm_service_resident_memory_bytes", service="worker") == 62_000_000
     assert value(samples, "pifarm_service_cpu_seconds_total", service="worker") == 3.0
+    assert (
+        value(samples, "pifarm_service_start_time_seconds", service="llama-server@gemma") == 1_765_004_100.0
+    )
+    assert value(samples, "pifarm_service_start_time_seconds", service="llama-server@qwen") is None
     # qwen's unit is stopped (MainPID 0): running 0 and no figures rather than zeros.
     assert value(samples, "pifarm_service_running", service="llama-server@qwen") == 0.0
     assert value(samples, "pifarm_service_resident_memory_bytes", service="llama-server@qwen") is None

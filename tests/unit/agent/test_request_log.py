@@ -103,17 +103,15 @@ def test_lines_sent_over_udp_land_in_the_histogram():
             time.sleep(0.02)
     finally:
         edge.close()
-    ok = (("backend", "edge_gemma3-270m"), ("code_class", "2xx"))
+    ok = (("backend", "edge_gemma3-270m"), ("code_class", "2xx"), ("server", "node1"))
     assert got[("pifarm_edge_request_duration_seconds_count", ok)] == 2.0
     assert got[("pifarm_edge_request_duration_seconds_sum", ok)] == pytest.approx(4.622)
-    assert got[("pifarm_edge_request_duration_seconds_bucket", (*ok[:1], ok[1], ("le", "2.0")))] == 0.0
-    assert got[("pifarm_edge_request_duration_seconds_bucket", (*ok[:1], ok[1], ("le", "4.0")))] == 2.0
-    refused = (("backend", "inference"), ("code_class", "4xx"))
+    assert got[("pifarm_edge_request_duration_seconds_bucket", (*ok[:2], ("le", "2.0"), ok[2]))] == 0.0
+    assert got[("pifarm_edge_request_duration_seconds_bucket", (*ok[:2], ("le", "4.0"), ok[2]))] == 2.0
+    refused = (("backend", "inference"), ("code_class", "4xx"), ("server", "<NOSRV>"))
     assert got[("pifarm_edge_request_duration_seconds_count", refused)] == 1.0
-    assert (
-        got[("pifarm_edge_request_duration_seconds_count", (("backend", "static"), ("code_class", "2xx")))]
-        == 1.0
-    )
+    static = (("backend", "static"), ("code_class", "2xx"), ("server", "srv1"))
+    assert got[("pifarm_edge_request_duration_seconds_count", static)] == 1.0
     assert got[("pifarm_edge_request_log_ignored_total", ())] == 1.0
 
 
