@@ -685,6 +685,168 @@ def case_protection(farm: Farm) -> None:
     expect(after == 200, f"protection: answered again after the window, got {after}")
 
 
+# --- staged rollouts (playbooks/rollout_model.yml, run as an operator would) ------------
+
+
+def served_versions(farm: Farm) -> dict[str, str | None]:
+    """The version of the model each node's llama-server serves, as its farm exporter reports it."""
+    urls = farm.settings["exporter"]["urls"]
+    versions: dict[str, str | None] = {}
+    for server in farm.servers:
+        samples = metric_samples(urls[server.node])
+        versions[server.node] = next(
+            (
+                dict(labels)["version"]
+                for (name, labels), _value in samples.items()
+                if name == "pifarm_model_active_info" and dict(labels).get("server") == server.instance
+            ),
+            None,
+        )
+    return versions
+
+
+@dataclass
+class Rollout:
+    rc: int
+    seconds: float
+    report: dict[str, Any]
+    output: str
+
+    def node(self, name: str) -> dict[str, Any]:
+        return next(row for row in self.report.get("nodes", []) if row["node"] == name)
+
+    def changed(self) -> int:
+        return sum(int(count) for count in re.findall(r" changed=(\d+) ", self.output))
+
+
+def run_rollout(farm: Farm, version: str, *flags: str) -> Rollout:
+    """ansible-playbook rollout_model.yml for the model, with the test's short gate; its JSON report."""
+    config = farm.settings["rollout"]
+    report = f"{config['report_dir']}/rollout-{version}-{uuid.uuid4().hex[:6]}.json"
+    extra = {
+        **config["vars"],
+        "model_rollout_model": farm.model,
+        "model_rollout_version": version,
+        "model_rollout_report_file": report,
+    }
+    argv = [
+        "ansible-playbook",
+        "-i",
+        config["inventory"],
+        config["playbook"],
+        "-e",
+        json.dumps(extra),
+        *flags,
+    ]
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    try:
+        with open(report, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        data = {}
+    if not data:
+        print(done.stdout[-3000:], done.stderr[-2000:], sep="\n", flush=True)
+    return Rollout(done.returncode, seconds, data, done.stdout)
+
+
+def failed_answers(load: SteadyLoad) -> list[Answer]:
+    return [answer for _sent, answer in load.answers if answer.status != 200]
+
+
+def case_rollout(farm: Farm) -> None:
+    """A good version, node by node under steady load: nothing fails, every node ends on it, and a
+    second run changes nothing; --check plans the next one and switches nothing."""
+    version = farm.settings["rollout"]["versions"]["good"]
+    before = served_versions(farm)
+    with SteadyLoad(farm, clients=2) as load:
+        rollout = run_rollout(farm, version)
+    after = served_versions(farm)
+    failed = failed_answers(load)
+    per_node = {row["node"]: row["seconds"] for row in rollout.report.get("nodes", [])}
+    figure(
+        f"rollout: {before} -> {version} on {len(per_node)} nodes in {rollout.seconds:.1f} s"
+        f" (playbook, prefetch and gate of {farm.settings['rollout']['vars']['model_rollout_gate_window']} s"
+        f" included); seconds per node {per_node}; requests under steady load {len(load.answers)},"
+        f" failed {len(failed)}"
+    )
+    expect(
+        rollout.rc == 0, f"rollout: the playbook failed (rc {rollout.rc}): {rollout.report.get('stopped')}"
+    )
+    expect(set(after.values()) == {version}, f"rollout: every node serves {version}, got {after}")
+    expect(not failed, f"rollout: {len(failed)} requests failed under the rollout: {failed[:3]}")
+    gates = rollout.report.get("gates", [])
+    expect(bool(gates) and gates[0]["passed"], f"rollout: the gate after the canary passed: {gates}")
+
+    again = run_rollout(farm, version)
+    figure(
+        f"rollout: a second run for {version}: {again.seconds:.1f} s, changed={again.changed()},"
+        f" results {[row['result'] for row in again.report.get('nodes', [])]}"
+    )
+    expect(again.rc == 0 and again.changed() == 0, f"rollout: a second run changes nothing (rc {again.rc})")
+
+    planned = run_rollout(farm, farm.settings["rollout"]["versions"]["broken"], "--check")
+    expect(planned.rc == 0, f"rollout --check: rc {planned.rc}")
+    expect(
+        [row["result"] for row in planned.report.get("nodes", [])]
+        == ["check mode: planned"] * len(farm.servers),
+        f"rollout --check: every node planned, got {planned.report.get('nodes')}",
+    )
+    expect(served_versions(farm) == after, "rollout --check: no node changed version")
+
+
+def stopped_rollout(
+    farm: Farm, what: str, version: str
+) -> tuple[Rollout, list[Answer], dict[str, str | None]]:
+    """A rollout that must stop at the canary and roll it back, under steady load."""
+    before = served_versions(farm)
+    canary, *others = [server.node for server in farm.servers]
+    with SteadyLoad(farm, clients=2) as load:
+        rollout = run_rollout(farm, version)
+    after = served_versions(farm)
+    failed = failed_answers(load)
+    row = rollout.node(canary) if rollout.report else {}
+    figure(
+        f"rollout {what}: {version} stopped after {rollout.seconds:.1f} s: {rollout.report.get('stopped')};"
+        f" {canary} {row.get('result')}, serving {after.get(canary)} again {row.get('recovery_seconds')} s"
+        f" after the failure was detected; requests under steady load {len(load.answers)},"
+        f" failed {len(failed)}"
+    )
+    expect(rollout.rc != 0, f"rollout {what}: the playbook fails")
+    expect(row.get("result") == "rolled back", f"rollout {what}: {canary} rolled back, got {row}")
+    expect(after == before, f"rollout {what}: every node serves what it did, {before}, got {after}")
+    expect(
+        all(rollout.node(node)["result"] == "not reached" for node in others),
+        f"rollout {what}: {others} never touched: {rollout.report.get('nodes')}",
+    )
+    expect(not failed, f"rollout {what}: {len(failed)} requests failed: {failed[:3]}")
+    return rollout, failed, after
+
+
+def case_rollout_broken(farm: Farm) -> None:
+    """A correctly signed model llama-server cannot load: only the canary is touched, and it comes back."""
+    rollout, _failed, _after = stopped_rollout(
+        farm, "of a broken model", farm.settings["rollout"]["versions"]["broken"]
+    )
+    expect(
+        "did not answer" in str(rollout.report.get("stopped")), "rollout of a broken model: its health failed"
+    )
+
+
+def case_rollout_gate(farm: Farm) -> None:
+    """A model that loads and answers its smoke test but generates far slower than the baseline: the
+    gate after the canary fails on the tokens/s ratio and the canary is rolled back."""
+    rollout, _failed, _after = stopped_rollout(
+        farm, "failing the gate", farm.settings["rollout"]["versions"]["slow"]
+    )
+    gates = rollout.report.get("gates", [])
+    failed_checks = [check["check"] for gate in gates for check in gate["checks"] if not check["passed"]]
+    ratio = next((c["value"] for g in gates for c in g["checks"] if c["check"] == "tokens/s ratio"), None)
+    figure(f"rollout failing the gate: failed checks {failed_checks}, tokens/s ratio canary/baseline {ratio}")
+    expect("tokens/s ratio" in failed_checks, f"rollout failing the gate: the tokens/s ratio failed: {gates}")
+
+
 CASES: dict[str, Callable[[Farm], Any]] = {
     "exporter": case_exporter,
     "spread": case_spread,
@@ -695,6 +857,9 @@ CASES: dict[str, Callable[[Farm], Any]] = {
     "offload": case_offload,
     "jobs": lambda farm: asyncio.run(case_jobs(farm)),
     "protection": case_protection,
+    "rollout": case_rollout,
+    "rollout broken": case_rollout_broken,
+    "rollout gate": case_rollout_gate,
 }
 # What a failing case raises: reported, and the next case still runs.
 CASE_ERRORS = (
@@ -705,8 +870,9 @@ CASE_ERRORS = (
     requests.RequestException,
     subprocess.SubprocessError,
 )
-# Needs the gateway reconverged with API keys and a rate limit: asked for by name only.
-NAMED_ONLY = {"protection"}
+# Needs the gateway reconverged with API keys and a rate limit, or the rollout's versions
+# published: asked for by name only.
+NAMED_ONLY = {"protection", "rollout", "rollout broken", "rollout gate"}
 
 
 def main() -> int:
