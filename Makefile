@@ -12,7 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 LOCAL_INVENTORY := inventory/local
 STAGES ?=
 
-.PHONY: help bootstrap venv farm farm-down prompt test lint unit sanity molecule bench bench-serving bench-gateway clean
+.PHONY: help bootstrap venv farm farm-down prompt test lint unit sanity molecule bench bench-serving bench-gateway bench-rollout clean
 
 help:
 	@echo "make farm       start the local container farm and converge playbooks/site.yml"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench      model sync figures (BENCH_ARGS=\"--runs 9 --json --link-mb-s 117\")"
 	@echo "make bench-serving  llama-server figures (SERVING_ARGS=\"--only batching --json\")"
 	@echo "make bench-gateway  HAProxy and NATS overhead on the running farm (GATEWAY_ARGS=\"--rounds 80\")"
+	@echo "make bench-rollout  a staged rollout against a raw restart under load, on the running farm"
 
 bootstrap:
 	@scripts/testbed.sh all
@@ -82,6 +83,13 @@ bench-serving: venv
 GATEWAY_ARGS ?=
 bench-gateway: venv
 	@$(VENV)/bin/python bench/gateway.py $(GATEWAY_ARGS)
+
+# Prints figures (seconds per node and failed requests of a staged rollout of a
+# re-release against a raw restart, under the same load) on the farm `make farm`
+# started; fails only when something does not run or a request failed.
+ROLLOUT_ARGS ?=
+bench-rollout: venv
+	@$(VENV)/bin/python bench/rollout.py $(ROLLOUT_ARGS)
 
 clean:
 	rm -rf build
