@@ -71,7 +71,23 @@ stage_collection() {
   local roles
   roles=$(ANSIBLE_COLLECTIONS_PATH="$empty" ansible-doc -t role -l pifarm.inference) || return 1
   echo "$roles"
-  grep -Eq '^pifarm\.inference\.node_base[: ]' <<<"$roles"
+  grep -Eq '^pifarm\.inference\.node_base[: ]' <<<"$roles" || return 1
+  # Every role, module and filter of the tree renders from the installed tarball:
+  # ansible-doc warns and exits 0 for a plugin it cannot find or document.
+  local kind names out
+  for kind in role module filter; do
+    case $kind in
+      role) mapfile -t names < <(find roles -mindepth 1 -maxdepth 1 -type d -printf '%f\n') ;;
+      module) mapfile -t names < <(find plugins/modules -name '*.py' ! -name '__init__.py' -printf '%f\n' | sed 's/\.py$//') ;;
+      filter) mapfile -t names < <(find plugins/filter -name '*.yml' -printf '%f\n' | sed 's/\.yml$//') ;;
+    esac
+    out=$(ANSIBLE_COLLECTIONS_PATH="$empty" ansible-doc -t "$kind" "${names[@]/#/pifarm.inference.}" 2>&1) || return 1
+    if grep -E '\[(WARNING|ERROR)\]' <<<"$out"; then
+      echo "ansible-doc -t $kind: the lines above" >&2
+      return 1
+    fi
+    echo "ansible-doc -t $kind: ${#names[@]} rendered"
+  done
 }
 
 # molecule wraps its output to the terminal's width (COLUMNS when not a

@@ -88,7 +88,7 @@ options:
     default: false
   cached_only:
     description:
-      - With O(state=active), make O(version) current from the cache alone, without asking the store:
+      - With O(state=active), make O(version) current from the cache alone, without asking the store;
         the version must be cached (fetched and verified before); its signature and size are checked
         again, and the switch is the same atomic link switch. The rollback path, which works while the
         store is down. O(version) must be a version, not V(latest).
@@ -100,7 +100,7 @@ options:
       - With O(state=active), make the version current only when the model has no current version
         yet; when it has one, fetch and verify the version without switching (as O(state=present))
         and report RV(kept_current=true).
-      - For a model a llama-server serves: its switch belongs to the staged rollout
+      - For a model a llama-server serves, whose switch belongs to the staged rollout
         (C(playbooks/rollout_model.yml)), which drains the node first, and never to a plain run.
     type: bool
     default: false
