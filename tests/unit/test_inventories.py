@@ -67,3 +67,59 @@ def test_site_playbook_targets_only_farm_groups():
         # A subscript picks hosts of a group (pifarm_storage[0]); the group must be the farm's.
         patterns = {re.sub(r"\[[0-9:-]+\]$", "", p) for p in play["hosts"].replace(",", ":").split(":")}
         assert patterns <= FARM_GROUPS, play["name"]
+
+
+# --- the example secrets -----------------------------------------------------------------
+
+EXAMPLE_VAULT_PASSWORD = REPO / "inventory" / "vault-password.example"
+FARM_VARS = yaml.safe_load((REPO / "roles/farm/vars/main.yml").read_text())
+
+
+class _VaultLoader(yaml.SafeLoader):
+    """Reads `!vault |` values as their ciphertext."""
+
+
+_VaultLoader.add_constructor("!vault", lambda loader, node: loader.construct_scalar(node))
+
+
+def example_secrets(name: str) -> dict[str, str]:
+    """The secrets of an example inventory, decrypted with the example vault password."""
+    from ansible.parsing.vault import VaultLib, VaultSecret  # noqa: PLC0415 - only these tests need it
+
+    vault = VaultLib([("default", VaultSecret(EXAMPLE_VAULT_PASSWORD.read_text().strip().encode()))])
+    data = yaml.load((REPO / "inventory" / name / "group_vars" / "all.yml").read_text(), Loader=_VaultLoader)
+    return {
+        var: vault.decrypt(data[var]).decode() for var in FARM_VARS["__farm_secret_variables"] if var in data
+    }
+
+
+def test_the_farm_refuses_exactly_the_example_secrets():
+    import hashlib  # noqa: PLC0415
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    known = {sha(EXAMPLE_VAULT_PASSWORD.read_text().strip())}
+    for name in ("pi5-4node", "pi5-32node"):
+        secrets = example_secrets(name)
+        assert set(secrets) == set(FARM_VARS["__farm_secret_variables"]), name
+        known |= {sha(value) for value in secrets.values()}
+    assert set(FARM_VARS["__farm_example_secret_sha256"]) == known
+
+
+def test_the_site_playbook_refuses_a_farm_with_example_secrets(ansible_env):
+    argv = ["ansible-playbook", "-i", str(REPO / "inventory" / "pi5-4node"), str(REPO / "playbooks/site.yml"),
+            "--vault-password-file", str(EXAMPLE_VAULT_PASSWORD), "--limit", "pifarm_gateway"]  # fmt: skip
+    refused = subprocess.run(argv, capture_output=True, text=True, env=ansible_env, check=False, timeout=300)
+    assert refused.returncode != 0
+    assert "still hold the example values" in refused.stdout
+    for var in FARM_VARS["__farm_secret_variables"]:
+        assert var in refused.stdout
+    for value in example_secrets("pi5-4node").values():
+        assert value not in refused.stdout + refused.stderr
+    assert "unreachable=0" in refused.stdout  # refused before any host was touched
+    allowed = subprocess.run(
+        [*argv, "-e", "farm_example_secrets_allowed=true"],
+        capture_output=True, text=True, env=ansible_env, check=False, timeout=300,
+    )  # fmt: skip
+    assert "still hold the example values" not in allowed.stdout
