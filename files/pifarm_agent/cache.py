@@ -263,6 +263,10 @@ class _Decision:
     switch: bool = False
     fallback: Entry | None = None
     unreachable: Exception | None = None
+    # A cached entry of the target whose content no longer matches its signed manifest (bit rot,
+    # a flipped byte): fetched again into its place; ``corrupt`` says why.
+    repair: Entry | None = None
+    corrupt: str | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -481,7 +485,8 @@ class ModelCache:
         self._point(name, CURRENT, entry.sha256)
 
     def _activate_locked(self, name: str, entry: Entry, allow_downgrade: bool) -> bool:
-        self.verify_entry(entry, full=False)
+        # The content too, not only signature and size: a byte flipped on the SSD keeps both.
+        self.verify_entry(entry)
         active = self.current(name)
         if active is not None and active.sha256 == entry.sha256:
             return False
@@ -490,7 +495,7 @@ class ModelCache:
         return True
 
     def activate(self, name: str, ref: str, *, allow_downgrade: bool = False) -> tuple[bool, Entry]:
-        """Make a cached version current (its signature and size are re-checked first)."""
+        """Make a cached version current (its signature, size and SHA-256 are re-checked first)."""
         with self._locked(name):
             entry = self.find(name, ref)
             return self._activate_locked(name, entry, allow_downgrade), entry
@@ -501,7 +506,7 @@ class ModelCache:
             previous, active = self.previous(name), self.current(name)
             if previous is None:
                 raise CacheError(f"model {name}: no previous version to roll back to")
-            self.verify_entry(previous, full=False)
+            self.verify_entry(previous)
             self._point(name, CURRENT, previous.sha256)
             if active is not None:
                 self._point(name, PREVIOUS, active.sha256)
@@ -715,6 +720,14 @@ class ModelCache:
             ) from None
         return have, progress.fetched
 
+    def _quarantine(self, entry: Entry) -> None:
+        """Remove a corrupt entry (renamed aside first, so its path is free at once); the good copy
+        takes the same path, and the links that name it by its SHA-256 are whole again."""
+        aside = entry.path.parent / f".corrupt-{entry.sha256}.{os.getpid()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(entry.path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
     def _promote(
         self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes, partial: Path
     ) -> Entry:
@@ -770,8 +783,18 @@ class ModelCache:
         """
         active = self.current(name)
         decision = _Decision(active=active, requested=version)
+        checked: dict[str, str | None] = {}  # each entry hashed once per decision
+
+        def corruption(entry: Entry | None) -> str | None:
+            if entry is None:
+                return None
+            if entry.sha256 not in checked:
+                checked[entry.sha256] = self._corruption(entry, timer)
+            return checked[entry.sha256]
+
+        corruption(active)
         entry = self._cached_version(name, version) if version else None
-        if entry is not None:
+        if entry is not None and corruption(entry) is None:
             decision.manifest = entry.manifest
         else:
             try:
@@ -782,6 +805,14 @@ class ModelCache:
                 decision.fallback = self._fallback(name, active, activate)
                 if decision.fallback is None:
                     raise
+                kept = decision.fallback
+                if corruption(kept) is not None:
+                    role = "current" if kept is active else "cached"
+                    raise IntegrityError(
+                        f"model {name} {kept.version}: the {role} copy is corrupt ({corruption(kept)}) and "
+                        f"the store cannot be reached for a good one ({exc}); llama-server refuses a corrupt "
+                        "model at its start"
+                    ) from None
                 decision.requested, decision.unreachable = version, exc
                 return decision
             with timer.timing():
@@ -797,15 +828,26 @@ class ModelCache:
                 signature_bytes,
             )
             entry = self.entry(name, manifest.sha256)
+        # A cached entry is only counted on (as present, current, or to switch to) once its
+        # content re-verifies; one that does not is fetched again into its place.
+        if entry is not None:
+            problem = corruption(entry)
+            if problem is not None:
+                decision.repair, decision.corrupt, entry = entry, problem, None
         decision.entry = entry
         is_active = active is not None and active.sha256 == decision.manifest.sha256
         self._check_policy(active, decision.manifest, allow_downgrade, switching=activate)
-        if entry is not None and not is_active:
-            # A cached entry is only counted on (as present, or to switch to) once it re-verifies.
-            with timer.timing():
-                self.verify_entry(entry, full=False)
         decision.switch = activate and not is_active
         return decision
+
+    def _corruption(self, entry: Entry, timer: _Timer) -> str | None:
+        """Why ``entry`` fails its full verification (signature, size, SHA-256), or None."""
+        try:
+            with timer.timing():
+                self.verify_entry(entry)
+        except (IntegrityError, ManifestError, SignatureError, OSError) as exc:
+            return str(exc)
+        return None
 
     def sync_status_path(self, name: str) -> Path:
         _check_name(name)
@@ -900,11 +942,15 @@ class ModelCache:
                         raise
                     decision.unreachable = exc
                     return self._served_from_cache(name, decision, started, timer, activate)
+                if decision.repair is not None:
+                    self._quarantine(decision.repair)
                 entry = self._promote(manifest, decision.manifest_bytes, decision.signature_bytes, partial)
             if decision.switch:
                 self._switch(name, entry, decision.active)
             changed = decision.entry is None or decision.switch
             result = self._result("changed" if changed else "unchanged", name, entry, started, activate)
+            if decision.repair is not None:
+                result.message += f"; its cached copy was corrupt and was fetched again ({decision.corrupt})"
             result.before, result.switched = decision.active, decision.switch
             result.bytes_fetched, result.resumed_from = fetched, resumed_from
             result.verify_seconds = timer.seconds
@@ -951,6 +997,10 @@ class ModelCache:
             if decision.entry is None or decision.switch:
                 plan.status = "changed"
             plan.message = self._plan_message(plan, manifest)
+            if decision.repair is not None:
+                plan.message += (
+                    f"; its cached copy is corrupt and would be fetched again ({decision.corrupt})"
+                )
         plan.seconds, plan.verify_seconds = time.monotonic() - started, timer.seconds
         return plan
 

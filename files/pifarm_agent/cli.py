@@ -318,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", parents=[common], help="re-check cached models fully")
     verify.add_argument("name")
     verify.add_argument("--all", action="store_true", help="every cached version, not only current")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="fetch a corrupt version again from the store (current stays what it is); exit 2 when repaired",
+    )
 
     activate = commands.add_parser("activate", parents=[common], help="make a cached version current")
     activate.add_argument("name")
@@ -617,27 +622,51 @@ def cmd_verify(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict
     targets = cache.entries(args.name) if args.all else [current] if current else []
     if not targets:
         raise ConfigError(f"model {args.name}: nothing cached to verify in {cache.model_dir(args.name)}")
-    verified, failures = [], []
+    verified, failures, repaired = [], [], []
     for entry in targets:
         try:
             cache.verify_entry(entry)
             verified.append(entry.to_dict())
         except Exception as exc:
-            failures.append({"sha256": entry.sha256, "version": entry.version, "error": str(exc)})
+            failure = {"sha256": entry.sha256, "version": entry.version, "error": str(exc)}
+            if args.repair and _repair(config, cache, args.name, entry, failure):
+                repaired.append(failure)
+                verified.append(entry.to_dict())
+            else:
+                failures.append(failure)
     ok = not failures
     message = f"model {args.name}: {len(verified)} verified" + (
         f", {len(failures)} FAILED" if failures else ""
     )
     for failure in failures:
         message += f"\n  {failure['version']} {failure['sha256'][:12]}: {failure['error']}"
+        if "repair" in failure:
+            message += f"; no good copy from the store: {failure['repair']}"
+    for failure in repaired:
+        message += (
+            f"\n  {failure['version']} {failure['sha256'][:12]}: repaired from the store ({failure['error']})"
+        )
     payload = {
-        "status": "verified" if ok else "failed",
-        "changed": False,
+        "status": "failed" if not ok else "repaired" if repaired else "verified",
+        "changed": bool(repaired),
         "message": message,
         "verified": verified,
         "failures": failures,
+        "repaired": repaired,
     }
-    return (EXIT_OK if ok else EXIT_FAILED), payload
+    return (EXIT_FAILED if not ok else EXIT_CHANGED if repaired else EXIT_OK), payload
+
+
+def _repair(config: AgentConfig, cache: ModelCache, name: str, entry: Entry, failure: dict[str, Any]) -> bool:
+    """Fetch a corrupt cached version again (the sync's own repair); False, with the reason added to
+    ``failure``, when the store cannot give a good copy."""
+    try:
+        result = cache.sync(ModelStore(config.store_config()), name, entry.version, activate=False)
+        cache.verify_entry(cache.entry(name, entry.sha256))
+    except Exception as exc:
+        failure["repair"] = str(exc)
+        return False
+    return result.changed
 
 
 def cmd_activate(config: AgentConfig, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:

@@ -105,6 +105,31 @@ def test_activate_rollback_list_gc_and_verify(setup, source, keypair, capsys):
     assert run(capsys, "gc", "--keep", "2", "--config", str(setup))[0] == 0
 
 
+def test_verify_repair_fetches_a_corrupt_current_model_again_or_fails(setup, source, keypair, capsys):
+    artifact = signed(keypair.secret_key, blob(1))
+    source.add(artifact)
+    assert run(capsys, "sync", NAME, "--config", str(setup))[0] == 2
+    model = Path(json.loads(setup.read_text())["cache_root"]) / "models" / NAME / "current" / "model.gguf"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0x01  # same size: only the SHA-256 tells
+    model.write_bytes(bytes(data))
+    code, out, err = run(capsys, "verify", NAME, "--config", str(setup))
+    assert code == 1
+    assert "1 FAILED" in out + err
+    assert "sha256 mismatch" in out + err
+    source.unreachable = True
+    code, out, _ = run(capsys, "verify", NAME, "--repair", "--config", str(setup), "--json")
+    payload = json.loads(out)
+    assert (code, payload["status"]) == (1, "failed")
+    assert "store" in payload["failures"][0]["repair"]
+    source.unreachable = False
+    code, out, _ = run(capsys, "verify", NAME, "--repair", "--config", str(setup), "--json")
+    payload = json.loads(out)
+    assert (code, payload["status"], payload["changed"]) == (2, "repaired", True)
+    assert model.read_bytes() == artifact.data
+    assert run(capsys, "verify", NAME, "--repair", "--config", str(setup))[0] == 0
+
+
 def test_usage_errors_exit_64_not_the_changed_code(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["model", "sync"])

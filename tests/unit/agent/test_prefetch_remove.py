@@ -72,9 +72,51 @@ def test_a_cached_version_counts_as_present_only_if_it_still_verifies(cache, sou
     publish(source, keypair, 2, "1.1.0")
     cache.sync(source, NAME, "1.0.0", activate=False)
     cache.sync(source, NAME, "1.1.0")
-    (cache.model_dir(NAME) / old.manifest.sha256 / "model.gguf").write_bytes(b"truncated")
-    with pytest.raises(IntegrityError, match="size mismatch: file has 9 bytes"):
-        cache.sync(source, NAME, "1.0.0", activate=False)
+    model = cache.model_dir(NAME) / old.manifest.sha256 / "model.gguf"
+    model.write_bytes(b"truncated")
+    # Fetched again into its place while the store answers...
+    result = cache.sync(source, NAME, "1.0.0", activate=False)
+    assert (result.status, result.bytes_fetched) == ("changed", old.manifest.size)
+    assert "its cached copy was corrupt and was fetched again (" in result.message
+    assert "size mismatch: file has 9 bytes" in result.message
+    assert cache.verify_entry(cache.entry(NAME, old.manifest.sha256)).sha256 == old.manifest.sha256
+    # ...and never counted on while it does not: the prefetch keeps what verifies, activation refuses it.
+    model.write_bytes(b"truncated")
+    source.unreachable = True
+    kept = cache.sync(source, NAME, "1.0.0", activate=False)
+    assert (kept.status, kept.version) == ("served-from-cache", "1.1.0")
+    with pytest.raises(IntegrityError, match="size mismatch"):
+        cache.activate(NAME, "1.0.0", allow_downgrade=True)
+
+
+def test_a_current_model_with_a_flipped_byte_is_fetched_again_or_refused(cache, source, keypair):
+    """Same size, one byte changed: only the SHA-256 tells, and every path checks it."""
+    artifact = publish(source, keypair, 1, "1.0.0")
+    publish(source, keypair, 2, "1.1.0")
+    cache.sync(source, NAME, "1.0.0")
+    cache.sync(source, NAME, "1.1.0")
+    old = cache.model_dir(NAME) / artifact.manifest.sha256 / "model.gguf"
+    data = bytearray(old.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    old.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        cache.rollback(NAME)
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        cache.activate(NAME, "1.0.0", allow_downgrade=True)
+    # The current one flipped, the store down: the sync says so instead of serving it from cache.
+    current = cache.current(NAME)
+    current_file = current.path / "model.gguf"
+    data = bytearray(current_file.read_bytes())
+    data[0] ^= 0x01
+    current_file.write_bytes(bytes(data))
+    source.unreachable = True
+    with pytest.raises(IntegrityError, match=r"the current copy is corrupt \(.*sha256 mismatch"):
+        cache.sync(source, NAME)
+    source.unreachable = False
+    repaired = cache.sync(source, NAME)
+    assert (repaired.status, repaired.version) == ("changed", "1.1.0")
+    assert "its cached copy was corrupt and was fetched again" in repaired.message
+    assert cache.verify_entry(cache.current(NAME)).version == "1.1.0"
 
 
 def test_a_prefetch_of_a_cached_version_does_not_need_the_store(cache, source, keypair):
