@@ -1,3 +1,3 @@
 """pifarm node agent: the one implementation of node-side farm logic."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
