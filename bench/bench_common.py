@@ -16,14 +16,31 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# The agent package and the integration tests' helpers (moto server, proxies, manifests, processes).
-sys.path[:0] = [str(REPO / "files"), str(REPO / "tests" / "integration")]
+# The agent package, the integration tests' helpers (moto server, proxies, manifests, processes) and
+# what the scenarios' measuring scripts share (a steady load).
+sys.path[:0] = [
+    str(REPO / "files"),
+    str(REPO / "tests" / "integration"),
+    str(REPO / "molecule" / "resources"),
+]
 
 EXIT_FAILED = 1
 
 
 class BenchError(Exception):
     """Something the benchmark relies on did not work; the figures that need it are missing."""
+
+
+def docker(*argv: str) -> str:
+    done = subprocess.run(["docker", *argv], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"docker {' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def address(container: str) -> str:
+    """A local farm container's address on its docker network."""
+    return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container)
 
 
 def resolve_model(explicit: str | None) -> Path:

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -25,7 +24,7 @@ from typing import Any
 
 import requests
 import yaml
-from bench_common import EXIT_FAILED, REPO, BenchError
+from bench_common import EXIT_FAILED, REPO, BenchError, address, docker
 
 from pifarm_agent import jobs
 
@@ -43,17 +42,6 @@ RUNTIME_API = (
     " s.sendall(sys.argv[2].encode() + b'\\n'); print(s.makefile().read())"
 )
 PROMPT = "The capital of France is"
-
-
-def docker(*argv: str) -> str:
-    done = subprocess.run(["docker", *argv], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"docker {' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout.strip()
-
-
-def address(container: str) -> str:
-    return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container)
 
 
 def runtime_api(gateway: str, command: str) -> str:

@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,9 @@ from typing import Any
 
 import requests
 import yaml
-from bench_common import EXIT_FAILED, REPO, BenchError, met
+from bench_common import EXIT_FAILED, REPO, BenchError, address, docker, met, print_figures
+
+from measuring import SteadyLoad
 
 FARM = yaml.safe_load((REPO / "roles" / "farm" / "defaults" / "main.yml").read_text())
 INSTANCE = yaml.safe_load((REPO / "inventory" / "local" / "group_vars" / "pifarm_nodes.yml").read_text())[
@@ -37,53 +38,20 @@ CACHE = Path(os.environ.get("PIFARM_CACHE", Path.home() / ".cache" / "pifarm"))
 PROMPT = [{"role": "user", "content": "Write one short sentence about cats."}]
 
 
-def docker(*argv: str) -> str:
-    done = subprocess.run(["docker", *argv], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"docker {' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout.strip()
+def ask(url: str) -> int:
+    """One short chat request through the gateway; its status, 0 when it got no answer."""
+    try:
+        return requests.post(
+            url + "/v1/chat/completions",
+            json={"model": INSTANCE["model"], "messages": PROMPT, "max_tokens": 8},
+            timeout=120,
+        ).status_code
+    except requests.RequestException:
+        return 0
 
 
-def address(container: str) -> str:
-    return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container)
-
-
-class Load:
-    """Clients asking the gateway back to back; each answer's status is kept."""
-
-    def __init__(self, url: str, clients: int) -> None:
-        self.url = url
-        self.statuses: list[int] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                response = requests.post(
-                    self.url + "/v1/chat/completions",
-                    json={"model": INSTANCE["model"], "messages": PROMPT, "max_tokens": 8},
-                    timeout=120,
-                )
-                self.statuses.append(response.status_code)
-            except requests.RequestException:
-                self.statuses.append(0)
-
-    def mark(self) -> int:
-        return len(self.statuses)
-
-    def failed_since(self, mark: int) -> int:
-        return sum(1 for status in self.statuses[mark:] if status != 200)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join()
+def failed_since(load: SteadyLoad, mark: int) -> int:
+    return sum(1 for _sent, status in load.answers[mark:] if status != 200)
 
 
 def raw_restart(node: str) -> float:
@@ -163,15 +131,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pifarm-bench-rollout-") as work:
         publish_re_release(Path(work), version)
         report = Path(work) / "report.json"
-        with Load(gateway, args.clients) as load:
+        with SteadyLoad(lambda: ask(gateway), args.clients) as load:
             time.sleep(2)
             raw = {}
             for node in NODES:
-                mark = load.mark()
+                mark = len(load.answers)
                 seconds = raw_restart(node)
                 time.sleep(1)  # the requests that were running on it end
-                raw[node] = {"seconds": round(seconds, 1), "failed": load.failed_since(mark)}
-            mark = load.mark()
+                raw[node] = {"seconds": round(seconds, 1), "failed": failed_since(load, mark)}
+            mark = len(load.answers)
             rolled = playbook(
                 str(REPO / "playbooks" / "rollout_model.yml"),
                 "-e", json.dumps({
@@ -182,8 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "model_rollout_report_file": str(report),
                 }),
             )  # fmt: skip
-            rollout_failed = load.failed_since(mark)
-            requests_sent = len(load.statuses) - mark
+            rollout_failed = failed_since(load, mark)
+            requests_sent = len(load.answers) - mark
         summary = json.loads(report.read_text()) if report.is_file() else {}
         if rolled.returncode != 0 or not summary:
             raise BenchError(
@@ -194,10 +162,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raw=raw,
         rollout={"per_node": per_node, "total_seconds": summary["seconds"], "failed": rollout_failed,
                  "requests": requests_sent, "gate_window": args.gate_window},
-        statuses=dict(Counter(load.statuses)),
+        statuses=dict(Counter(status for _sent, status in load.answers)),
     )  # fmt: skip
     if rollout_failed:
-        figures["failures"].append(f"{rollout_failed} requests failed during the rollout")
+        figures["failures"].append({"phase": "rollout", "error": f"{rollout_failed} requests failed"})
     return figures
 
 
@@ -243,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, requests.RequestException, OSError, ValueError) as exc:
         print(f"bench/rollout.py: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        report(figures)
-    return EXIT_FAILED if figures["failures"] else 0
+    return print_figures(figures, args.json, report)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ expectations instead of stopping at the first, so one run shows every outcome.
 from __future__ import annotations
 
 import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,3 +47,28 @@ def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(response.text)
         for sample in family.samples
     }
+
+
+class SteadyLoad:
+    """Clients calling ``send`` back to back until stopped; ``answers`` holds (time sent, result)."""
+
+    def __init__(self, send: Callable[[], Any], clients: int) -> None:
+        self.send = send
+        self.answers: list[tuple[float, Any]] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            sent = time.monotonic()
+            self.answers.append((sent, self.send()))
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()

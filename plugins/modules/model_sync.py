@@ -298,7 +298,7 @@ def agent_environment(params: dict) -> dict[str, str]:
 
 def run_agent(module: AnsibleModule, argv: list[str]) -> tuple[int, dict]:
     """Run the agent; fail unless it exited 0 or 2 with its JSON result."""
-    verb = argv[2] if len(argv) > 2 and argv[2] in ("remove", "activate") else "sync"
+    verb = argv[2] if len(argv) > 2 and argv[2] in ("remove", "activate", "list") else "sync"
     what = f"{verb} model {module.params['name']}"
     rc, stdout, stderr = module.run_command(argv, environ_update=agent_environment(module.params))
     if rc == EXIT_USAGE:
@@ -367,21 +367,14 @@ def cache_entries(module: AnsibleModule, agent: str) -> list[dict]:
     """The model's cached versions, each with its role (current, previous or none): the agent's listing."""
     params = module.params
     argv = [agent, "model", "list", params["name"], "--json"]
-    for option, flag in CACHE_FLAGS:
-        if params[option] is not None:
-            argv += [flag, params[option]]
-    rc, stdout, stderr = module.run_command(argv, environ_update=C_LOCALE)
+    argv += [
+        arg for option, flag in CACHE_FLAGS if params[option] is not None for arg in (flag, params[option])
+    ]
+    _rc, payload = run_agent(module, argv)
     try:
-        entries = json.loads(stdout)["cache"][params["name"]]["entries"]
-    except (ValueError, KeyError, TypeError):
-        module.fail_json(
-            msg=f"list model {params['name']}: pifarm-agent {agent} printed no cache listing (exit {rc})",
-            rc=rc,
-            cmd=argv,
-            stdout=stdout,
-            stderr=stderr,
-        )
-    return entries
+        return payload["cache"][params["name"]]["entries"]
+    except (KeyError, TypeError):
+        module.fail_json(msg=f"list model {params['name']}: pifarm-agent {agent} printed no cache listing")
 
 
 def activate_cached(module: AnsibleModule, agent: str) -> tuple[int, dict]:
