@@ -111,8 +111,15 @@ HERE = Path(__file__).resolve().parent
             "monitoring",
             {"monitoring_alert_for": "soon"},
             "Check monitoring variables before changing anything",
-            "monitoring_alert_for must be a Prometheus duration",
+            "monitoring_alert_for and monitoring_alert_version_drift_for must be Prometheus durations",
             id="alert-for-not-a-duration",
+        ),
+        pytest.param(
+            "monitoring",
+            {"monitoring_alert_version_drift_for": "a while"},
+            "Check monitoring variables before changing anything",
+            "monitoring_alert_version_drift_for must be Prometheus durations",
+            id="version-drift-for-not-a-duration",
         ),
         pytest.param(
             "monitoring",
