@@ -57,7 +57,7 @@ lint: venv
 	@scripts/run-tests.sh yamllint ansible-lint ruff
 
 unit: venv
-	@scripts/run-tests.sh pytest
+	@scripts/run-tests.sh pytest-unit pytest
 
 sanity: venv
 	@scripts/run-tests.sh sanity

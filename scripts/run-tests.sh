@@ -17,19 +17,29 @@ logs="$repo/build/logs"
 mkdir -p "$logs"
 # Every molecule scenario is a stage of its own, found by its molecule.yml.
 # Scenarios that converge runtime_builder (directly or through the site
-# playbook, as `default`, the farm, does) use the llama.cpp build, as does
-# pytest: they run after the llama-build stage, the others before.
+# playbook, as `default`, the farm, does) use the llama.cpp build, as do the
+# integration tests (pytest): they run after the llama-build stage, the others
+# before. `default` runs last and alone: its verify measures the farm, and a
+# stage beside it would be in its figures.
 mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
 early_scenarios=() build_scenarios=()
 for scenario in "${scenarios[@]}"; do
-  if grep -qs -e runtime_builder -e playbooks/site.yml "molecule/$scenario"/*.yml; then
+  if [ "$scenario" = default ]; then
+    continue
+  elif grep -qs -e runtime_builder -e playbooks/site.yml "molecule/$scenario"/*.yml; then
     build_scenarios+=("molecule-$scenario")
   else
     early_scenarios+=("molecule-$scenario")
   fi
 done
-all_stages=(yamllint ansible-lint ruff shellcheck sanity collection "${early_scenarios[@]}"
-  llama-build pytest "${build_scenarios[@]}")
+all_stages=(yamllint ansible-lint ruff shellcheck sanity collection pytest-unit "${early_scenarios[@]}"
+  llama-build pytest "${build_scenarios[@]}" molecule-default)
+# Stages that run side by side, PIFARM_TEST_JOBS (default 2) at a time: they
+# have their own containers and networks and mostly wait on apt, pip and
+# systemd. The first group needs no llama.cpp build (on a cold host it builds
+# in the background meanwhile); the second does.
+early_group=(pytest-unit "${early_scenarios[@]}")
+build_group=(pytest "${build_scenarios[@]}")
 
 stage_yamllint() { yamllint -s .; }
 stage_ansible-lint() { ansible-lint; }
@@ -55,7 +65,9 @@ stage_llama-build() {
   echo "background build: $(($(date +%s) - llama_build_start)) s since it started with the first stage"
   return "$rc"
 }
-stage_pytest() { pytest --junitxml="$repo/build/pytest.xml"; }
+# The unit and role tests need no llama.cpp build; the integration tests run llama-server.
+stage_pytest-unit() { pytest tests/unit tests/roles --junitxml="$repo/build/pytest-unit.xml"; }
+stage_pytest() { pytest tests/integration --junitxml="$repo/build/pytest.xml"; }
 stage_sanity() { scripts/sanity.sh; }
 
 stage_collection() {
@@ -135,7 +147,7 @@ run_stage() {
   local run=("stage_$stage")
   [[ $stage == molecule-* ]] && run=(run_molecule "${stage#molecule-}")
   start=$(date +%s)
-  [ "$stage" != pytest ] || rm -f "$repo/build/pytest.xml"
+  [[ $stage != pytest* ]] || rm -f "$repo/build/$stage.xml"
   "${run[@]}" >"$logs/$stage.log" 2>&1
   rc=$?
   echo "$rc $(($(date +%s) - start))" >"$logs/$stage.result"
@@ -149,8 +161,8 @@ report_stage() {
   local stage=$1 log="$logs/$1.log" rc secs
   read -r rc secs <"$logs/$stage.result"
   printf '=== %-20s ' "$stage"
-  if [ "$stage" = pytest ]; then
-    read -r p f < <(junit_counts "$repo/build/pytest.xml")
+  if [[ $stage == pytest* ]]; then
+    read -r p f < <(junit_counts "$repo/build/$stage.xml")
     [ "$rc" -eq 0 ] || [ "$f" -gt 0 ] || f=1
     passed=$((passed + p))
     failed=$((failed + f))
@@ -170,41 +182,45 @@ report_stage() {
   fi
 }
 
-# The early molecule scenarios are independent of each other (own containers,
-# own network) and mostly wait on apt and systemd: they run PIFARM_TEST_JOBS
-# (default 2) at a time, started when the first of them is reached, and are
-# reported in order once all have finished.
+# Runs the members of a group that were asked for side by side, at most
+# PIFARM_TEST_JOBS at a time, the longest (network, about 8 min) first, and
+# reports them in order once all have finished.
 parallel_jobs=${PIFARM_TEST_JOBS:-2}
-group_done=
+run_group() {
+  local member members=() launch=() pids=()
+  for member in "$@"; do
+    [[ " ${stages[*]} " == *" $member "* ]] || continue
+    members+=("$member")
+    if [ "$member" = molecule-network ]; then launch=("$member" "${launch[@]}"); else launch+=("$member"); fi
+  done
+  for member in "${launch[@]}"; do
+    # Polled, not wait -n: that would also reap the background build.
+    while [ "$(jobs -rp | grep -vcx "${llama_build_pid:-none}")" -ge "$parallel_jobs" ]; do
+      sleep 2
+    done
+    run_stage "$member" &
+    pids+=($!)
+  done
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
+  for member in "${members[@]}"; do
+    report_stage "$member"
+  done
+}
+
+early_done='' build_done=''
 for stage in "${stages[@]}"; do
-  if [[ " ${early_scenarios[*]} " == *" $stage "* ]]; then
-    [ -z "$group_done" ] || continue
-    group=() launch=()
-    for member in "${stages[@]}"; do
-      [[ " ${early_scenarios[*]} " == *" $member "* ]] || continue
-      group+=("$member")
-      # network takes about 9 min, the others 1-2 min each: it starts first and
-      # the others share the second slot meanwhile.
-      if [ "$member" = molecule-network ]; then launch=("$member" "${launch[@]}"); else launch+=("$member"); fi
-    done
-    pids=()
-    for member in "${launch[@]}"; do
-      # Polled, not wait -n: that would also reap the background build.
-      while [ "$(jobs -rp | grep -vcx "${llama_build_pid:-none}")" -ge "$parallel_jobs" ]; do
-        sleep 2
-      done
-      run_stage "$member" &
-      pids+=($!)
-    done
-    wait "${pids[@]}"
-    for member in "${group[@]}"; do
-      report_stage "$member"
-    done
-    group_done=1
-    continue
+  if [[ " ${early_group[*]} " == *" $stage "* ]]; then
+    [ -z "$early_done" ] || continue
+    run_group "${early_group[@]}"
+    early_done=1
+  elif [[ " ${build_group[*]} " == *" $stage "* ]]; then
+    [ -z "$build_done" ] || continue
+    run_group "${build_group[@]}"
+    build_done=1
+  else
+    run_stage "$stage"
+    report_stage "$stage"
   fi
-  run_stage "$stage"
-  report_stage "$stage"
 done
 
 [ ${#failed_stages[@]} -eq 0 ] || echo "failed stages: ${failed_stages[*]}"
