@@ -741,6 +741,11 @@ class ModelCache:
             _write_file(temp / MANIFEST, manifest_bytes)
             _write_file(temp / SIGNATURE, signature_bytes)
             os.replace(partial, temp / manifest.model_filename)
+            # Readable by the servers' users whatever the writer's umask (a unit's UMask=0077
+            # when llama-server's start repairs its model): models are not secret, only signed.
+            for path in temp.iterdir():
+                os.chmod(path, 0o644)
+            os.chmod(temp, 0o755)
             _fsync_dir(temp)
             os.replace(temp, directory / manifest.sha256)
         except OSError as exc:

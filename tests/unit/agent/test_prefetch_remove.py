@@ -74,12 +74,17 @@ def test_a_cached_version_counts_as_present_only_if_it_still_verifies(cache, sou
     cache.sync(source, NAME, "1.1.0")
     model = cache.model_dir(NAME) / old.manifest.sha256 / "model.gguf"
     model.write_bytes(b"truncated")
-    # Fetched again into its place while the store answers...
-    result = cache.sync(source, NAME, "1.0.0", activate=False)
+    # Fetched again into its place while the store answers, under a unit's UMask=0077...
+    umask = os.umask(0o077)
+    try:
+        result = cache.sync(source, NAME, "1.0.0", activate=False)
+    finally:
+        os.umask(umask)
     assert (result.status, result.bytes_fetched) == ("changed", old.manifest.size)
     assert "its cached copy was corrupt and was fetched again (" in result.message
     assert "size mismatch: file has 9 bytes" in result.message
     assert cache.verify_entry(cache.entry(NAME, old.manifest.sha256)).sha256 == old.manifest.sha256
+    assert model.stat().st_mode & 0o777 == 0o644  # readable by the servers whatever the umask
     # ...and never counted on while it does not: the prefetch keeps what verifies, activation refuses it.
     model.write_bytes(b"truncated")
     source.unreachable = True
