@@ -37,7 +37,7 @@ import nats
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from measuring import expect, figure, finish, metric_samples
+from measuring import SteadyLoad, expect, figure, finish, metric_samples
 from pifarm_agent.jobs import DEAD_PREFIX, RESULTS_PREFIX, names, token
 
 SHORT_PROMPT = "The capital of France is"
@@ -417,39 +417,18 @@ def case_queue(farm: Farm) -> None:
     expect(before == farm.service_state(), "queue: no llama-server restarted")
 
 
-class SteadyLoad:
-    """Clients sending short non-streaming requests back to back until stopped."""
-
-    def __init__(self, farm: Farm, clients: int) -> None:
-        self.farm = farm
-        self.answers: list[tuple[float, Answer]] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            sent = time.monotonic()
-            self.answers.append((sent, self.farm.complete(n_predict=8)))
-
-    def __enter__(self) -> SteadyLoad:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join()
+def steady_load(farm: Farm, clients: int) -> SteadyLoad:
+    """Clients sending short non-streaming requests through the gateway back to back."""
+    return SteadyLoad(lambda: farm.complete(n_predict=8), clients)
 
 
 def case_failover(farm: Farm) -> None:
-    """A node's llama-server stops under load. Requests sent once HAProxy has marked it down must all
-    be answered, and connection failures before that are retried on the other node. A request already
-    running on it when it goes cannot be: the gateway never replays what a server may have
-    processed, so it gets a 502 -- those are counted apart."""
+    """A node's llama-server stops under load. Nothing fails: connection failures, and the requests
+    running on it when it goes (closed without an answer), are retried on the other node. The stop
+    itself ends within llama_server_stop_timeout even when llama-server hangs in its exit clean-up."""
     victim = farm.servers[0]
     try:
-        with SteadyLoad(farm, clients=max(1, farm.slots - 1)) as load:
+        with steady_load(farm, clients=max(1, farm.slots - 1)) as load:
             time.sleep(3)
             stop_began = time.monotonic()
             stopping = threading.Thread(target=farm.systemctl, args=(victim.node, "stop", victim.unit))
@@ -459,23 +438,55 @@ def case_failover(farm: Farm) -> None:
             time.sleep(4)
         stopping.join()
         stop_took = time.monotonic() - stop_began
-        before_down = [a for sent, a in load.answers if stop_began <= sent < down_at and a.status != 200]
-        failed = [a for sent, a in load.answers if sent >= down_at and a.status != 200]
+        failed = [a for sent, a in load.answers if sent >= stop_began and a.status != 200]
         after = sum(1 for sent, _ in load.answers if sent >= down_at)
         servers = Counter(answer.server for _, answer in load.answers if answer.status == 200)
         figure(
             f"failover: {victim.unit} on {victim.node} stopped under load; HAProxy marked it DOWN"
             f" {marked_down:.1f} s after the stop began (the stop itself took {stop_took:.1f} s);"
-            f" requests sent {len(load.answers)}, {after} after DOWN: failed {len(failed)}; failed"
-            f" between the stop and DOWN (running on it, never replayed): {len(before_down)};"
-            f" answered by {dict(servers)}"
+            f" requests sent {len(load.answers)}, {after} after DOWN; failed from the stop on"
+            f" {len(failed)}; answered by {dict(servers)}"
         )
-        expect(not failed, f"failover: {len(failed)} requests sent after DOWN failed: {failed[:3]}")
+        expect(not failed, f"failover: {len(failed)} requests failed from the stop on: {failed[:3]}")
         expect(after > 0, "failover: requests were sent after DOWN")
+        expect(stop_took <= 15, f"failover: the stop ended within its timeout, took {stop_took:.1f} s")
     finally:
         farm.systemctl(victim.node, "start", victim.unit)
     back = farm.wait_status(farm.backend, victim.name, "UP", timeout=90)
     figure(f"failover: {victim.name} back UP {back:.1f} s after its start")
+
+
+def case_crash(farm: Farm) -> None:
+    """kill -9 of a llama-server while it runs a request, under steady load. systemd starts it again
+    within seconds, before HAProxy's checks mark it down: the request it was running (closed without
+    an answer) and its "Loading model" 503s are retried on the other node, so none fails."""
+    victim = farm.servers[0]
+    with steady_load(farm, clients=max(1, farm.slots - 1)) as load:
+        time.sleep(2)
+        deadline = time.monotonic() + 30
+        while farm.stats()[(farm.backend, victim.name)]["scur"] == "0" and time.monotonic() < deadline:
+            time.sleep(0.05)  # until a request runs on it
+        restarts = farm.service_state()[victim.name].split("/")[1]
+        killed_at = time.monotonic()
+        farm.systemctl(victim.node, "kill", "--signal=KILL", victim.unit)
+        restarted = None
+        while time.monotonic() - killed_at < 30:
+            state = farm.systemctl(victim.node, "show", "-p", "ActiveState", "--value", victim.unit)
+            if state == "active" and farm.service_state()[victim.name].split("/")[1] != restarts:
+                restarted = time.monotonic() - killed_at
+                break
+            time.sleep(0.2)
+        up = farm.wait_status(farm.backend, victim.name, "UP", timeout=90)
+        time.sleep(3)
+    failed = [a for sent, a in load.answers if a.status != 200]
+    after = [a for sent, a in load.answers if sent >= killed_at]
+    figure(
+        f"crash: {victim.unit} on {victim.node} killed (SIGKILL) with a request running on it, under steady"
+        f" load; systemd restarted it after {restarted if restarted is None else round(restarted, 1)} s,"
+        f" UP {up:.1f} s later; requests from the kill on {len(after)}, failed {len(failed)}"
+        f" ({dict(Counter(a.status for a in failed))})"
+    )
+    expect(not failed, f"crash: {len(failed)} requests failed: {[(a.status, a.body) for a in failed[:3]]}")
 
 
 def offload_status_without_key(address: str, offload: dict[str, Any]) -> int:
@@ -548,7 +559,7 @@ def case_offload(farm: Farm) -> None:
 
     farm.docker("stop", "-t", "1", offload["container"])
     offload_down = farm.wait_status("offload", offload["server"], "DOWN", timeout=30)
-    with SteadyLoad(farm, clients=2) as load:
+    with steady_load(farm, clients=2) as load:
         hinted_while_down = [farm.complete(headers={"X-Pifarm-Offload": "1"}) for _ in range(6)]
     answers = [answer for _, answer in load.answers] + hinted_while_down
     pools = Counter((a.status, a.server.split("/")[0]) for a in answers)
@@ -685,6 +696,82 @@ def case_protection(farm: Farm) -> None:
     expect(after == 200, f"protection: answered again after the window, got {after}")
 
 
+# --- a corrupt model on a node's SSD ---------------------------------------------------
+
+FLIP_A_BYTE = (
+    "import sys; f = open(sys.argv[1], 'r+b'); f.seek(int(sys.argv[2])); b = f.read(1); f.seek(-1, 1);"
+    " f.write(bytes([b[0] ^ 1])); f.close()"
+)
+
+
+def current_model(farm: Farm, server: EdgeServer) -> tuple[str, str]:
+    """(sha256 of the node's current model file, sha256 its signed manifest names)."""
+    current = f"{farm.settings['exporter']['models_dir']}/{server.model}/current"
+    actual = farm.docker("exec", server.node, "sha256sum", f"{current}/model.gguf").split()[0]
+    manifest = json.loads(farm.docker("exec", server.node, "cat", f"{current}/manifest.json"))
+    return actual, manifest["sha256"]
+
+
+def flip_a_byte(farm: Farm, server: EdgeServer) -> None:
+    """One byte in the middle of the node's current model: the size stays, only the SHA-256 tells."""
+    path = f"{farm.settings['exporter']['models_dir']}/{server.model}/current/model.gguf"
+    size = int(farm.docker("exec", server.node, "stat", "-c", "%s", path))
+    farm.docker("exec", server.node, "python3", "-c", FLIP_A_BYTE, path, str(size // 2))
+
+
+def case_corrupt_model(farm: Farm) -> None:
+    """A byte flipped in a node's current model file, then its llama-server restarted: it never serves
+    the corrupt file. With the store in reach the unit fetches a good copy before llama-server starts;
+    cut off from the store it stays down, out of rotation, until it can."""
+    server = farm.servers[0]
+    store = farm.settings["store"]
+    # The cases before restarted this unit several times within its StartLimitIntervalSec.
+    farm.systemctl(server.node, "reset-failed", server.unit)
+    flip_a_byte(farm, server)
+    before = current_model(farm, server)
+    started = time.monotonic()
+    farm.systemctl(server.node, "restart", server.unit)
+    repaired_in = time.monotonic() - started
+    up = farm.wait_status(farm.backend, server.name, "UP", timeout=90)
+    after = current_model(farm, server)
+    journal = farm.docker("exec", server.node, "journalctl", "-u", server.unit, "-n", "40", "--no-pager")
+    figure(
+        f"corrupt model: {server.node}'s current model with one byte flipped (sha256 {before[0][:12]}, signed"
+        f" {before[1][:12]}) fetched again before llama-server started: unit restarted in"
+        f" {repaired_in:.1f} s, back UP {up:.1f} s later"
+    )
+    expect(before[0] != before[1], "corrupt model: the flipped file no longer matches its manifest")
+    expect(after[0] == after[1], f"corrupt model: repaired at the restart, got {after}")
+    expect("repaired from the store" in journal, "corrupt model: the journal says it was repaired")
+
+    flip_a_byte(farm, server)
+    # Cut off from the store: the node's route to it blackholed (the store is moto, in memory: a
+    # restart of it would forget every model).
+    farm.docker("exec", server.node, "ip", "route", "add", "blackhole", store["address"])
+    try:
+        with contextlib.suppress(AssertionError):  # the start fails: that is the point
+            farm.systemctl(server.node, "restart", server.unit)
+        down = farm.wait_status(farm.backend, server.name, "DOWN", timeout=60)
+        answers = [farm.complete() for _ in range(8)]
+        state = farm.systemctl(server.node, "show", "-p", "ActiveState", "--value", server.unit)
+        figure(
+            f"corrupt model, store out of reach: the unit refuses to start ({state}), {server.name} DOWN"
+            f" after {down:.1f} s; 8 requests answered by {dict(Counter(a.server for a in answers))}"
+        )
+        expect(state != "active", f"corrupt model: without the store the unit stays down, got {state}")
+        expect(
+            all(a.status == 200 and server.name not in a.server for a in answers),
+            f"corrupt model: the other nodes answer meanwhile: {[(a.status, a.server) for a in answers]}",
+        )
+    finally:
+        farm.docker("exec", server.node, "ip", "route", "del", "blackhole", store["address"])
+        farm.systemctl(server.node, "reset-failed", server.unit)
+        farm.systemctl(server.node, "restart", server.unit)
+    farm.wait_status(farm.backend, server.name, "UP", timeout=90)
+    after = current_model(farm, server)
+    expect(after[0] == after[1], f"corrupt model: repaired once the store is back, got {after}")
+
+
 # --- staged rollouts (playbooks/rollout_model.yml, run as an operator would) ------------
 
 
@@ -760,7 +847,7 @@ def case_rollout(farm: Farm) -> None:
     second run changes nothing; --check plans the next one and switches nothing."""
     version = farm.settings["rollout"]["versions"]["good"]
     before = served_versions(farm)
-    with SteadyLoad(farm, clients=2) as load:
+    with steady_load(farm, clients=2) as load:
         rollout = run_rollout(farm, version)
     after = served_versions(farm)
     failed = failed_answers(load)
@@ -802,7 +889,7 @@ def stopped_rollout(
     """A rollout that must stop at the canary and roll it back, under steady load."""
     before = served_versions(farm)
     canary, *others = [server.node for server in farm.servers]
-    with SteadyLoad(farm, clients=2) as load:
+    with steady_load(farm, clients=2) as load:
         rollout = run_rollout(farm, version)
     after = served_versions(farm)
     failed = failed_answers(load)
@@ -854,7 +941,9 @@ CASES: dict[str, Callable[[Farm], Any]] = {
     "slowloris": case_slowloris,
     "queue": case_queue,
     "failover": case_failover,
+    "crash": case_crash,
     "offload": case_offload,
+    "corrupt model": case_corrupt_model,
     "jobs": lambda farm: asyncio.run(case_jobs(farm)),
     "protection": case_protection,
     "rollout": case_rollout,
