@@ -7,7 +7,10 @@ Names, one place for all of them (:func:`names`, the constants below):
   stream's duplicate window drops a second copy;
 * one durable pull consumer per model, ``worker-<token(M)>``, filtered on that subject;
 * results on ``pifarm.results.<job id>`` (core NATS, not stored: the producer subscribes first);
-* dead letters on ``pifarm.dead.<token(M)>``, kept in the limits stream ``PIFARM_DEAD``.
+* dead letters on ``pifarm.dead.<token(M)>``, kept in the limits stream ``PIFARM_DEAD``; a job
+  that ran out of deliveries without an answer (its worker died on the last one) is reported by
+  nats-server's max-deliveries advisory, ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.PIFARM_JOBS.
+  <consumer>``, which the model's workers take in turn (queue group) and dead-letter.
 
 ``token(M)`` maps every character outside ``[A-Za-z0-9_-]`` to ``_``: NATS splits subjects at
 dots (``qwen2.5-0.5b`` would be two tokens) and MQTT forbids ``+ # /`` in a topic level. NATS's
@@ -23,8 +26,10 @@ Messages (JSON):
   llama-server's ``/completion``; ``messages`` (``[{"role", "content"}]``, OpenAI's chat form) go
   through the model's chat template (``/v1/chat/completions``), which instruction-tuned models need;
 * result: ``{"id", "model", "node", "text", "tokens_predicted", "latency_ms", "deliveries"}``;
-* dead letter: the job's fields (``{"raw": text}`` when it was not a JSON object) plus
-  ``{"reason", "deliveries", "node"}``.
+* dead letter: a reference to the job, never a copy of it, so that it always fits
+  ``max_payload`` (a 900 KB CJK prompt re-escaped is 1.8 MB): ``{"id", "model" (null when the
+  job had none), "reason", "deliveries", "node", "stream", "stream_sequence", "size" (the job's
+  bytes), "excerpt" (its prompt, last message or raw text, cut at 200 characters)}``.
 
 The least-privilege NATS permissions of the ``producer`` and ``worker`` users live in
 ``nats_permissions.json`` next to this file (:func:`nats_permissions`); the worker connects
@@ -60,6 +65,10 @@ DEAD_STREAM = "PIFARM_DEAD"
 JOBS_PREFIX = "pifarm.jobs"
 RESULTS_PREFIX = "pifarm.results"
 DEAD_PREFIX = "pifarm.dead"
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}"
+# A dead letter's longest excerpt of the job and longest reason, in characters.
+DEAD_EXCERPT_CHARS = 200
+DEAD_REASON_CHARS = 1000
 CONSUMER_PREFIX = "worker-"
 MQTT_JOBS_PREFIX = "pifarm/jobs"
 MQTT_RESULTS_PREFIX = "pifarm/results"
@@ -103,6 +112,8 @@ class Names:
     dead_subject: str
     consumer: str
     mqtt_jobs_topic: str
+    max_deliveries_advisory: str
+    dead_letter_queue: str
 
 
 def names(model: str) -> Names:
@@ -117,6 +128,9 @@ def names(model: str) -> Names:
         dead_subject=f"{DEAD_PREFIX}.{tok}",
         consumer=f"{CONSUMER_PREFIX}{tok}",
         mqtt_jobs_topic=f"{MQTT_JOBS_PREFIX}/{tok}",
+        max_deliveries_advisory=f"{MAX_DELIVERIES_ADVISORY}.{CONSUMER_PREFIX}{tok}",
+        # One worker of the model takes each advisory.
+        dead_letter_queue=f"pifarm-dead-{tok}",
     )
 
 
@@ -478,10 +492,9 @@ def _chat_messages(value: Any) -> tuple[tuple[str, str], ...] | str:
 class MalformedJobError(ValueError):
     """A job message no worker can run: it goes to the dead letters, never retried."""
 
-    def __init__(self, reason: str, original: dict[str, Any], job_id: str | None) -> None:
+    def __init__(self, reason: str, job_id: str | None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.original = original
         self.job_id = job_id
 
 
@@ -507,18 +520,16 @@ def _reply_to_ok(subject: str) -> bool:
 def parse_job(data: bytes, subject_token: str | None = None) -> Job:
     """The job in a message; MalformedJobError says what is wrong with it."""
     try:
-        text = data.decode("utf-8")
-        body = json.loads(text)
+        body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raw = data.decode("utf-8", errors="replace")
-        raise MalformedJobError(f"malformed job: not JSON ({exc})", {"raw": raw}, None) from None
+        raise MalformedJobError(f"malformed job: not JSON ({exc})", None) from None
     if not isinstance(body, dict):
-        raise MalformedJobError(f"malformed job: a JSON {_type(body)}, not an object", {"raw": text}, None)
+        raise MalformedJobError(f"malformed job: a JSON {_type(body)}, not an object", None)
     job_id = body.get("id")
     shown_id = job_id if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) else None
 
     def bad(reason: str) -> MalformedJobError:
-        return MalformedJobError(f"malformed job: {reason}", body, shown_id)
+        return MalformedJobError(f"malformed job: {reason}", shown_id)
 
     if shown_id is None:
         raise bad(f"id must be 1-128 characters of [A-Za-z0-9_-], got {job_id!r:.60}")
@@ -573,8 +584,43 @@ class JobResult:
         }
 
 
-def dead_letter(original: dict[str, Any], *, reason: str, deliveries: int, node: str) -> dict[str, Any]:
-    return {**original, "reason": reason, "deliveries": deliveries, "node": node}
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _excerpt_of(body: Any, text: str) -> str:
+    """What a person reading the dead letter recognises the job by: its prompt, else its last message."""
+    if isinstance(body, dict):
+        if isinstance(body.get("prompt"), str):
+            return body["prompt"]
+        messages = body.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+            content = messages[-1].get("content")
+            if isinstance(content, str):
+                return content
+    return text
+
+
+def dead_letter(data: bytes, *, reason: str, deliveries: int, node: str, sequence: int) -> dict[str, Any]:
+    """The dead letter of the job message ``data`` (stream sequence ``sequence``): a reference, not a copy."""
+    text = data.decode("utf-8", errors="replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    fields = body if isinstance(body, dict) else {}
+    job_id, model = fields.get("id"), fields.get("model")
+    return {
+        "id": job_id if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) else None,
+        "model": _clip(model, 128) if isinstance(model, str) else None,
+        "reason": _clip(reason, DEAD_REASON_CHARS),
+        "deliveries": deliveries,
+        "node": node,
+        "stream": JOBS_STREAM,
+        "stream_sequence": sequence,
+        "size": len(data),
+        "excerpt": _clip(_excerpt_of(body, text), DEAD_EXCERPT_CHARS),
+    }
 
 
 # -- connecting -------------------------------------------------------------------------

@@ -10,7 +10,10 @@ own pull subscription), so a pull never asks for more than the free slots. A job
   is only removed once its result left, and an ack the server never confirmed is logged;
 * the llama-server fails (HTTP 4xx/5xx, refused, timed out) → on the consumer's last delivery
   (``max_deliver``) a dead letter and ``term``; before that ``nak`` with the delay
-  ``backoff_seconds[deliveries - 1]`` (the last entry once the list runs out).
+  ``backoff_seconds[deliveries - 1]`` (the last entry once the list runs out);
+* the worker holding the last delivery dies (no ack, no term) → nats-server stops delivering
+  the job and says so in a max-deliveries advisory; one of the model's workers (queue group)
+  reads the job by its sequence, dead-letters it and deletes it from the work queue.
 
 While a job runs the worker sends ``in_progress`` every ``ack_wait / 2`` so a long generation is
 not handed to another worker. SIGTERM or SIGINT: stop pulling, let running jobs finish (each is
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -382,6 +386,11 @@ class Worker:
     async def _serve(self, model: WorkerModel) -> None:
         state = await self._bind(model)
         if state is not None:
+            await self._nc.subscribe(
+                model.names.max_deliveries_advisory,
+                queue=model.names.dead_letter_queue,
+                cb=functools.partial(self._on_max_deliveries, model),
+            )
             await asyncio.gather(*(self._slot(model, state) for _slot in range(model.slots)))
 
     async def _slot(self, model: WorkerModel, state: ConsumerState) -> None:
@@ -464,7 +473,7 @@ class Worker:
         try:
             job = parse_job(attempt.message.data, attempt.model.names.token)
         except MalformedJobError as exc:
-            await self._dead_letter(attempt, exc.original, exc.reason)
+            await self._dead_letter(attempt, exc.reason)
             return "dead", exc.job_id, exc.reason
         keep_alive = asyncio.create_task(self._keep_in_progress(attempt.message, attempt.state.ack_wait / 2))
         try:
@@ -500,25 +509,73 @@ class Worker:
     async def _failed(self, attempt: Attempt, job: Job, reason: str) -> tuple[str, str, str]:
         max_deliver, deliveries = attempt.state.max_deliver, attempt.deliveries
         if 0 < max_deliver <= deliveries:
-            await self._dead_letter(attempt, json.loads(attempt.message.data), reason)
+            await self._dead_letter(attempt, reason)
             return "dead", job.id, f"{reason} (delivery {deliveries} of {max_deliver})"
         backoff = self.config.backoff_seconds
         delay = backoff[min(deliveries, len(backoff)) - 1]
         await attempt.message.nak(delay=delay)
         return "retried", job.id, f"{reason}; again in {delay:g} s"
 
-    async def _dead_letter(self, attempt: Attempt, original: dict[str, Any], reason: str) -> None:
-        letter = dead_letter(original, reason=reason, deliveries=attempt.deliveries, node=self.config.node)
+    async def _dead_letter(self, attempt: Attempt, reason: str) -> None:
+        message = attempt.message
+        await self._publish_dead_letter(
+            attempt.model, message.data, message.metadata.sequence.stream, attempt.deliveries, reason
+        )
+        await message.term()
+
+    async def _publish_dead_letter(
+        self, model: WorkerModel, data: bytes, sequence: int, deliveries: int, reason: str
+    ) -> None:
+        letter = dead_letter(
+            data, reason=reason, deliveries=deliveries, node=self.config.node, sequence=sequence
+        )
         # The job's stream sequence: a dead letter sent twice (crash before term) is stored once.
-        msg_id = f"dead-{attempt.message.metadata.sequence.stream}"
         await self._js.publish(
-            attempt.model.names.dead_subject,
+            model.names.dead_subject,
             json.dumps(letter).encode(),
             stream=DEAD_STREAM,
-            headers={MSG_ID_HEADER: msg_id},
+            headers={MSG_ID_HEADER: f"dead-{sequence}"},
             timeout=API_TIMEOUT,
         )
-        await attempt.message.term()
+
+    async def _on_max_deliveries(self, model: WorkerModel, advisory: Msg) -> None:
+        """A job whose last delivery went unanswered (its worker died): dead-letter it, then delete it."""
+        started = time.monotonic()
+        job_id: str | None = None
+        try:
+            event = json.loads(advisory.data)
+            sequence, deliveries = int(event["stream_seq"]), int(event["deliveries"])
+            try:
+                stored = await self._js.get_msg(JOBS_STREAM, seq=sequence)
+            except NotFoundError:
+                return  # Already dead-lettered and gone (another worker, or a term that raced it).
+            job_id = _peek_id(stored.data)
+            reason = (
+                f"no answer after {deliveries} deliveries: the worker holding the last one "
+                "stopped or lost NATS before it answered"
+            )
+            await self._publish_dead_letter(model, stored.data, sequence, deliveries, reason)
+            await self._js.delete_msg(JOBS_STREAM, sequence)
+        except Exception as exc:
+            # The job stays in the work queue until max_age; the log says which and why.
+            self.log.warning(
+                "job %s model=%s: max-deliveries advisory not handled (%s: %s)",
+                job_id or "?",
+                model.name,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self.counts["dead"] += 1
+        self.metrics.jobs.labels(model.name, "dead").inc()
+        self.log.warning(
+            "job %s model=%s outcome=dead ms=%.0f deliveries=%d reason=%s",
+            job_id or "?",
+            model.name,
+            (time.monotonic() - started) * 1000,
+            deliveries,
+            reason,
+        )
 
     async def _keep_in_progress(self, message: Msg, interval: float) -> None:
         while True:

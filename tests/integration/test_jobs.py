@@ -17,6 +17,7 @@ import time
 import nats
 import pytest
 from integration_helpers import figure
+from nats.js.errors import NotFoundError
 from nats_helpers import (
     PASSWORDS,
     BlackHole,
@@ -32,14 +33,16 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pifarm_agent.exporter import ExporterConfig, registry_for
-from pifarm_agent.jobs import DEAD_STREAM, JOBS_STREAM, WORKER_INBOX_PREFIX, names
+from pifarm_agent.jobs import DEAD_STREAM, JOBS_STREAM, WORKER_INBOX_PREFIX, Job, names
 
 ANSWERING = "qwen2.5-0.5b"  # dots: its subject token is qwen2_5-0_5b
 REFUSED = "refused.model"  # a llama-server URL where nothing listens
 KILLED = "sigkill-model"
 STOPPED = "sigterm-model"
 IDLE = "idle-model"  # declared, never served
-MODELS = [ANSWERING, REFUSED, KILLED, STOPPED, IDLE]
+POISON = "poison-model"  # served on a dead port: every job fails
+LAST = "last-delivery-model"
+MODELS = [ANSWERING, REFUSED, KILLED, STOPPED, IDLE, POISON, LAST]
 ACK_WAIT = 3
 MAX_DELIVER = 3
 # Short on purpose: the tests wait for redeliveries and dead letters.
@@ -105,6 +108,7 @@ def node_a(declared, nats_server, llama_server, tmp_path_factory):
         [
             {"name": ANSWERING, "url": llama_server.url, "slots": 2},
             {"name": REFUSED, "url": closed_port_url(), "slots": 1},
+            {"name": POISON, "url": closed_port_url(), "slots": 1},
         ],
         backoff_seconds=WORKER_BACKOFF,
         request_timeout_seconds=60,
@@ -288,7 +292,11 @@ def test_a_job_that_always_fails_ends_as_a_dead_letter(
     assert letter["_subject"] == "pifarm.dead.refused_model"
     assert letter["deliveries"] == MAX_DELIVER
     assert letter["node"] == "itest-node-a"
-    assert letter["prompt"] == "hi"
+    # A reference to the job, not a copy: the sequence it had, its size, its prompt.
+    assert letter["excerpt"] == "hi"
+    assert letter["size"] == len(Job(id="refused-1", model=REFUSED, prompt="hi").payload())
+    assert letter["stream"] == JOBS_STREAM
+    assert letter["stream_sequence"] > 0
     assert "cannot connect" in letter["reason"]
     assert "Connection refused" in letter["reason"]
     assert long_letter["deliveries"] == MAX_DELIVER
@@ -310,6 +318,92 @@ def test_a_job_that_always_fails_ends_as_a_dead_letter(
         f"dead letters after {MAX_DELIVER} deliveries each, {elapsed:.1f} s; reasons: "
         f"{letter['reason']!r}, {long_letter['reason']!r}",
     )
+
+
+def test_a_900_kb_job_that_always_fails_is_one_dead_letter_under_max_payload(node_a, watch, capsys):
+    # CJK prompt: 3 bytes a character as sent, 6 once JSON re-escapes it (a copy would be 1.8 MB).
+    body = {"id": "poison-1", "model": POISON, "prompt": "漢字" * 150_000}
+    data = json.dumps(body, ensure_ascii=False).encode()
+    assert 900_000 <= len(data) < 1024 * 1024
+    watch.publish_job(POISON, data, msg_id="poison-1")
+    [letter] = watch.wait_for("the poison job's dead letter", lambda: watch.dead_for("poison-1"), timeout=30)
+    size = len(json.dumps({k: v for k, v in letter.items() if k != "_subject"}).encode())
+    assert letter["deliveries"] == MAX_DELIVER
+    assert letter["size"] == len(data)
+    assert letter["excerpt"].startswith("漢字漢字")
+    assert size < 2048
+    # Terminated: nothing pending, nothing waiting for an ack, no longer in the work queue.
+    info = watch.consumer(POISON)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    with pytest.raises(NotFoundError):
+        watch.call(watch.nc.jetstream().get_msg(JOBS_STREAM, seq=letter["stream_sequence"]))
+    figure(
+        capsys,
+        f"poison job: {len(data)} bytes, one dead letter of {size} bytes after {MAX_DELIVER} deliveries",
+    )
+
+
+def test_a_worker_killed_on_the_last_delivery_leaves_one_dead_letter(
+    declared, nats_server, watch, tmp_path, capsys
+):
+    body = {"id": "last-1", "model": LAST, "prompt": "Say yes.", "n_predict": 4}
+    watch.publish_job(LAST, json.dumps(body).encode(), msg_id="last-1")
+
+    async def take_and_drop() -> int:
+        """A delivery its worker never answers: pulled, then neither acked nor nak'ed."""
+        js = watch.nc.jetstream()
+        subscription = await js.pull_subscribe_bind(consumer=names(LAST).consumer, stream=JOBS_STREAM)
+        try:
+            [message] = await subscription.fetch(1, timeout=ACK_WAIT + 5)
+        finally:
+            await subscription.unsubscribe()
+        return message.metadata.num_delivered
+
+    # Deliveries 1 and 2 die quietly; the last goes to a real worker that is then SIGKILLed.
+    assert [watch.call(take_and_drop()) for _ in range(MAX_DELIVER - 1)] == list(range(1, MAX_DELIVER))
+    hole = BlackHole()
+    doomed = WorkerProcess(tmp_path, nats_server, "itest-last-doomed", [{"name": LAST, "url": hole.url}])
+    rescuer = None
+    try:
+        doomed.wait_ready()
+        watch.wait_for(
+            "the doomed worker to hold the last delivery",
+            lambda: (
+                watch.consumer(LAST).delivered.consumer_seq == MAX_DELIVER
+                and watch.consumer(LAST).num_ack_pending == 1
+            ),
+            timeout=ACK_WAIT + 10,
+        )
+        rescuer = WorkerProcess(
+            tmp_path, nats_server, "itest-last-rescuer", [{"name": LAST, "url": closed_port_url()}]
+        )
+        rescuer.wait_ready()
+        doomed.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        doomed.wait(timeout=10)
+        [letter] = watch.wait_for("the dead letter of last-1", lambda: watch.dead_for("last-1"), timeout=30)
+        took = time.monotonic() - killed_at
+        time.sleep(1)  # room for a second letter to show
+        assert len(watch.dead_for("last-1")) == 1
+        assert letter["deliveries"] == MAX_DELIVER
+        assert letter["node"] == "itest-last-rescuer"
+        assert f"no answer after {MAX_DELIVER} deliveries" in letter["reason"]
+        assert watch.result_count("last-1") == 0
+        info = watch.consumer(LAST)
+        assert (info.num_pending, info.num_ack_pending) == (0, 0)
+        with pytest.raises(NotFoundError):
+            watch.call(watch.nc.jetstream().get_msg(JOBS_STREAM, seq=letter["stream_sequence"]))
+        assert rescuer.metrics()[f'pifarm_worker_jobs_total{{model="{LAST}",outcome="dead"}}'] == 1
+        figure(
+            capsys,
+            f"worker SIGKILLed on the last delivery: one dead letter {took:.1f} s after the kill "
+            f"(ack_wait {ACK_WAIT} s)",
+        )
+    finally:
+        doomed.stop()
+        hole.close()
+        if rescuer is not None:
+            rescuer.stop()
 
 
 def test_the_gateway_exporter_reads_the_queue_of_the_real_server(declared, nats_server, producer_settings):
@@ -371,14 +465,14 @@ def test_a_malformed_job_is_a_dead_letter_at_once(node_a, watch):
             letter
             for letter in watch.dead
             if letter["_subject"] == "pifarm.dead.qwen2_5-0_5b"
-            and ("raw" in letter or letter.get("id") in ids)
+            and (letter["id"] is None or letter["id"] in ids)
         ]
         return found if len(found) == 4 else None
 
     found = watch.wait_for("four malformed jobs as dead letters", letters, timeout=15)
     by_id = {letter.get("id"): letter for letter in found}
-    raw = next(letter for letter in found if "raw" in letter)
-    assert raw["raw"] == "{not json"
+    raw = by_id[None]
+    assert raw["excerpt"] == "{not json"
     assert "not JSON" in raw["reason"]
     assert "prompt is missing" in by_id["no-prompt-1"]["reason"]
     assert "reply_to must be a subject under pifarm.results." in by_id["bad-reply-1"]["reason"]

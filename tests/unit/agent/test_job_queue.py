@@ -24,6 +24,7 @@ from pifarm_agent.jobs import (
     compare,
     consumer_config,
     consumer_view,
+    dead_letter,
     names,
     nats_permissions,
     parse_job,
@@ -76,11 +77,17 @@ def test_the_permission_file_matches_the_names():
     permissions = nats_permissions()
     assert set(permissions) == {"producer", "worker"}
     worker, producer = permissions["worker"], permissions["producer"]
-    assert worker["subscribe"]["allow"] == [f"{WORKER_INBOX_PREFIX}.>"]
+    assert worker["subscribe"]["allow"] == [
+        f"{WORKER_INBOX_PREFIX}.>",
+        names("m").max_deliveries_advisory.rsplit(".", 1)[0] + ".*",
+    ]
     assert set(worker["publish"]["allow"]) == {
         f"$JS.API.CONSUMER.INFO.{JOBS_STREAM}.*",
         f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.*",
         f"$JS.ACK.{JOBS_STREAM}.>",
+        # The max-deliveries advisory's job: read by its sequence, then deleted once dead-lettered.
+        f"$JS.API.STREAM.MSG.GET.{JOBS_STREAM}",
+        f"$JS.API.STREAM.MSG.DELETE.{JOBS_STREAM}",
         "pifarm.results.>",
         "pifarm.dead.>",
     }
@@ -246,7 +253,6 @@ def test_malformed_jobs_say_why(data, reason):
     with pytest.raises(MalformedJobError) as raised:
         parse_job(data, "qwen2_5-0_5b")
     assert raised.value.reason.startswith(reason)
-    assert isinstance(raised.value.original, dict)
 
 
 def test_a_chat_job_keeps_its_messages_and_sends_them_back_alike():
@@ -297,7 +303,48 @@ def test_a_malformed_job_keeps_its_id_when_it_has_a_good_one():
     with pytest.raises(MalformedJobError) as raised:
         parse_job(job(prompt=None), "qwen2_5-0_5b")
     assert raised.value.job_id == "j-1"
-    assert raised.value.original["model"] == "qwen2.5-0.5b"
+
+
+def test_a_dead_letter_of_a_900_kb_job_is_a_small_reference():
+    # CJK re-escaped as JSON (\uXXXX) doubles its size: a copy would pass max_payload (1 MiB).
+    prompt = "漢" * 300_000
+    data = json.dumps({"id": "big-1", "model": "qwen2.5-0.5b", "prompt": prompt}, ensure_ascii=False).encode()
+    assert len(data) > 900_000
+    reason = "HTTP 500: " + "x" * 5000
+    letter = dead_letter(data, reason=reason, deliveries=3, node="node1", sequence=41)
+    encoded = json.dumps(letter).encode()
+    assert len(encoded) < 4096
+    assert letter["id"] == "big-1"
+    assert letter["model"] == "qwen2.5-0.5b"
+    assert (letter["stream"], letter["stream_sequence"], letter["size"]) == (JOBS_STREAM, 41, len(data))
+    assert letter["excerpt"] == "漢" * 199 + "…"
+    assert len(letter["reason"]) == 1000
+    assert letter["reason"].startswith("HTTP 500: xxx")
+
+
+@pytest.mark.parametrize(
+    ("data", "job_id", "excerpt"),
+    [
+        (b"{not json", None, "{not json"),
+        (b"\xff\xfe", None, "\ufffd\ufffd"),
+        (b"[1, 2]", None, "[1, 2]"),
+        (json.dumps({"id": "bad id", "prompt": "hi"}).encode(), None, "hi"),
+        (
+            json.dumps(
+                {
+                    "id": "c-1",
+                    "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+                }
+            ).encode(),
+            "c-1",
+            "U",
+        ),
+    ],
+)
+def test_a_dead_letter_names_what_it_can_of_a_malformed_job(data, job_id, excerpt):
+    letter = dead_letter(data, reason="malformed job", deliveries=1, node="n", sequence=7)
+    assert (letter["id"], letter["excerpt"], letter["size"]) == (job_id, excerpt, len(data))
+    assert letter["model"] is None
 
 
 # -- declare ----------------------------------------------------------------------------
