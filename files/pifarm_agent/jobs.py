@@ -6,7 +6,10 @@ Names, one place for all of them (:func:`names`, the constants below):
   is published on ``pifarm.jobs.<token(M)>`` with the header ``Nats-Msg-Id: <job id>`` so the
   stream's duplicate window drops a second copy;
 * one durable pull consumer per model, ``worker-<token(M)>``, filtered on that subject;
-* results on ``pifarm.results.<job id>`` (core NATS, not stored: the producer subscribes first);
+* results on ``pifarm.results.<job id>``, kept in the limits stream ``PIFARM_RESULTS`` for
+  ``results_max_age_seconds`` (header ``Nats-Msg-Id: result-<job id>``, so a job answered twice
+  is stored once): a producer that was away, or lost NATS while its job ran, still gets the
+  answer, and a job id submitted again within the duplicate window is answered from there;
 * dead letters on ``pifarm.dead.<token(M)>``, kept in the limits stream ``PIFARM_DEAD``; a job
   that ran out of deliveries without an answer (its worker died on the last one) is reported by
   nats-server's max-deliveries advisory, ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.PIFARM_JOBS.
@@ -62,6 +65,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 JOBS_STREAM = "PIFARM_JOBS"
 DEAD_STREAM = "PIFARM_DEAD"
+RESULTS_STREAM = "PIFARM_RESULTS"
 JOBS_PREFIX = "pifarm.jobs"
 RESULTS_PREFIX = "pifarm.results"
 DEAD_PREFIX = "pifarm.dead"
@@ -161,6 +165,8 @@ DECLARE_DEFAULTS: dict[str, Any] = {
     # A job nobody took within a day is stale; dead letters stay a week for a post-mortem.
     "max_age_seconds": 86400,
     "dead_letter_max_age_seconds": 7 * 86400,
+    # Long enough for a producer to come back after a NATS restart or a lost connection.
+    "results_max_age_seconds": 3600,
     # Per model, across all workers: must stay above the farm's total slots for that model.
     "max_ack_pending": 256,
 }
@@ -311,6 +317,7 @@ class DeclareSettings:
     max_bytes: int
     max_age_seconds: float | int
     dead_letter_max_age_seconds: float | int
+    results_max_age_seconds: float | int
     max_ack_pending: int
 
     @classmethod
@@ -347,6 +354,9 @@ class DeclareSettings:
             dead_letter_max_age_seconds=_seconds(
                 merged["dead_letter_max_age_seconds"], f"{where}.dead_letter_max_age_seconds", zero=True
             ),
+            results_max_age_seconds=_seconds(
+                merged["results_max_age_seconds"], f"{where}.results_max_age_seconds"
+            ),
             max_ack_pending=_integer(merged["max_ack_pending"], f"{where}.max_ack_pending", minimum=1),
         )
         if 0 < settings.max_age_seconds < settings.duplicate_window_seconds:
@@ -355,11 +365,12 @@ class DeclareSettings:
                 f"{where}: duplicate_window_seconds ({settings.duplicate_window_seconds}) must not exceed "
                 f"max_age_seconds ({settings.max_age_seconds})"
             )
-        if 0 < settings.dead_letter_max_age_seconds < settings.duplicate_window_seconds:
-            raise SettingsError(
-                f"{where}: duplicate_window_seconds ({settings.duplicate_window_seconds}) must not exceed "
-                f"dead_letter_max_age_seconds ({settings.dead_letter_max_age_seconds})"
-            )
+        window = settings.duplicate_window_seconds
+        for key in ("dead_letter_max_age_seconds", "results_max_age_seconds"):
+            if 0 < (age := getattr(settings, key)) < window:
+                raise SettingsError(
+                    f"{where}: duplicate_window_seconds ({window}) must not exceed {key} ({age})"
+                )
         return settings
 
 
@@ -711,6 +722,16 @@ def stream_configs(settings: DeclareSettings) -> list[api.StreamConfig]:
             max_age=settings.dead_letter_max_age_seconds,
             duplicate_window=settings.duplicate_window_seconds,
         ),
+        api.StreamConfig(
+            name=RESULTS_STREAM,
+            subjects=[f"{RESULTS_PREFIX}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_bytes=settings.max_bytes,
+            max_age=settings.results_max_age_seconds,
+            duplicate_window=settings.duplicate_window_seconds,
+        ),
     ]
 
 
@@ -968,6 +989,68 @@ async def _require_consumer(js: Any, model_names: Names, errors: ErrorLog) -> No
         raise _api_error(f"read consumer {JOBS_STREAM}/{model_names.consumer}", exc, errors) from None
 
 
+# How long submit listens on its subscription before it looks in PIFARM_RESULTS as well.
+RESULT_POLL_SECONDS = 1.0
+
+
+def _result_of(data: bytes, job: Job) -> dict[str, Any] | None:
+    """The result in ``data`` when it answers ``job`` (a shared reply_to carries other jobs' results too)."""
+    try:
+        result = json.loads(data)
+    except ValueError:
+        return None
+    return result if isinstance(result, dict) and result.get("id") == job.id else None
+
+
+async def _stored_result(nc: Client, job: Job) -> dict[str, Any] | None:
+    """The job's result as PIFARM_RESULTS keeps it; None when it is not there (yet) or NATS is away."""
+    try:
+        stored = await nc.jetstream(timeout=API_TIMEOUT).get_last_msg(RESULTS_STREAM, job.result_subject)
+    except Exception:
+        return None
+    return _result_of(stored.data, job)
+
+
+@dataclass
+class _ResultWait:
+    """A producer's wait for one job's result, over connections that may close and be opened again."""
+
+    settings: NatsSettings
+    errors: ErrorLog
+    nc: Client
+    subscription: Any
+
+    async def _reconnect(self, job: Job) -> bool:
+        try:
+            self.nc = await connect_once(self.settings, name="pifarm-agent job submit", errors=self.errors)
+            self.subscription = await self.nc.subscribe(job.result_subject)
+            await self.nc.flush(timeout=API_TIMEOUT)
+        except Exception:
+            return False
+        return True
+
+    async def result(self, job: Job, timeout: float) -> dict[str, Any] | None:
+        """The job's result within ``timeout``: from the subscription, else from PIFARM_RESULTS, which
+        keeps it through a NATS restart or a reconnect that the subscription missed."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self.nc.is_closed:
+                if not await self._reconnect(job):
+                    await asyncio.sleep(min(RESULT_POLL_SECONDS, remaining))
+                    continue
+            else:
+                try:
+                    message = await self.subscription.next_msg(timeout=min(RESULT_POLL_SECONDS, remaining))
+                except Exception:
+                    message = None  # nothing in this slice, or the connection went away under it
+                result = _result_of(message.data, job) if message is not None else None
+                if result is not None:
+                    return result
+            if not self.nc.is_closed and (result := await _stored_result(self.nc, job)) is not None:
+                return result
+        return None
+
+
 async def submit(settings: NatsSettings, job: Job, *, wait: bool, timeout: float) -> dict[str, Any]:
     """Enqueue ``job``; with ``wait``, return its result (subscribed before publishing)."""
     errors = ErrorLog()
@@ -978,6 +1061,11 @@ async def submit(settings: NatsSettings, job: Job, *, wait: bool, timeout: float
         await _require_consumer(js, model_names, errors)
         subscription = None
         if wait:
+            # Answered already (the same id sent again, within the results' max age, even across a NATS
+            # restart, which forgets the work queue's duplicate ids): that answer, and no second run.
+            stored = await _stored_result(nc, job)
+            if stored is not None:
+                return _answer(_queued(job, model_names, RESULTS_STREAM, None, True), stored)
             subscription = await nc.subscribe(job.result_subject)
             # The server knows of the subscription before the job exists: no result can be missed.
             await nc.flush(timeout=API_TIMEOUT)
@@ -988,47 +1076,56 @@ async def submit(settings: NatsSettings, job: Job, *, wait: bool, timeout: float
             )
         except Exception as exc:
             raise _api_error(f"publish job {job.id} to {model_names.job_subject}", exc, errors) from None
-        queued = {
-            "id": job.id,
-            "model": job.model,
-            "subject": model_names.job_subject,
-            "result_subject": job.result_subject,
-            "stream": ack.stream,
-            "seq": ack.seq,
-            "duplicate": bool(ack.duplicate),
-        }
+        queued = _queued(job, model_names, ack.stream, ack.seq, bool(ack.duplicate))
         if subscription is None:
             state = "already queued (duplicate id within the window)" if ack.duplicate else "queued"
             return {**queued, "message": f"job {job.id} {state} as {ack.stream} #{ack.seq}"}
-        try:
-            message = await subscription.next_msg(timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
+        # A duplicate id: the earlier job's answer may be stored already.
+        result = await _stored_result(nc, job) if ack.duplicate else None
+        if result is None:
+            waiting = _ResultWait(settings, errors, nc, subscription)
+            try:
+                result = await waiting.result(job, timeout)
+            finally:
+                if waiting.nc is not nc:
+                    await waiting.nc.close()
+        if result is None:
             duplicate = (
                 "; its id was a duplicate within the stream's window, so no new job was queued and the "
-                "earlier job's result may already have been sent"
+                f"earlier job has no result in {RESULTS_STREAM}"
                 if ack.duplicate
-                else "; the job stays queued and a worker may still answer it"
+                else f"; the job stays queued, and a worker's answer is kept in {RESULTS_STREAM}"
             )
             raise JobError(
                 f"job {job.id}: no result on {job.result_subject} within {timeout:g} s{duplicate}"
             ) from None
-        round_trip_ms = (time.monotonic() - started) * 1000
-        try:
-            result = json.loads(message.data)
-        except ValueError:
-            raise JobError(f"job {job.id}: the result on {message.subject} is not JSON") from None
-        return {
-            **queued,
-            "text": result.get("text"),
-            "node": result.get("node"),
-            "latency_ms": result.get("latency_ms"),
-            "tokens_predicted": result.get("tokens_predicted"),
-            "deliveries": result.get("deliveries"),
-            "round_trip_ms": round(round_trip_ms, 1),
-            "message": result.get("text") or "",
-        }
+        return {**_answer(queued, result), "round_trip_ms": round((time.monotonic() - started) * 1000, 1)}
     finally:
         await nc.close()
+
+
+def _queued(job: Job, model_names: Names, stream: str, seq: int | None, duplicate: bool) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "model": job.model,
+        "subject": model_names.job_subject,
+        "result_subject": job.result_subject,
+        "stream": stream,
+        "seq": seq,
+        "duplicate": duplicate,
+    }
+
+
+def _answer(queued: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **queued,
+        "text": result.get("text"),
+        "node": result.get("node"),
+        "latency_ms": result.get("latency_ms"),
+        "tokens_predicted": result.get("tokens_predicted"),
+        "deliveries": result.get("deliveries"),
+        "message": result.get("text") or "",
+    }
 
 
 async def dead_letters(settings: NatsSettings, model: str, *, limit: int) -> dict[str, Any]:

@@ -6,8 +6,9 @@ own pull subscription), so a pull never asks for more than the free slots. A job
 
 * malformed (not JSON, a field missing or wrong) → dead letter, ``term`` (never retried);
 * the llama-server answers → the result is published to ``reply_to`` or
-  ``pifarm.results.<id>``, *then* the job is acked with a double ack (``ack_sync``), so a job
-  is only removed once its result left, and an ack the server never confirmed is logged;
+  ``pifarm.results.<id>`` and stored by the ``PIFARM_RESULTS`` stream (its ack awaited, through
+  a NATS outage of up to 30 s), *then* the job is acked with a double ack (``ack_sync``), so a
+  job is only removed once its result is kept, and an ack the server never confirmed is logged;
 * the llama-server fails (HTTP 4xx/5xx, refused, timed out) → on the consumer's last delivery
   (``max_deliver``) a dead letter and ``term``; before that ``nak`` with the delay
   ``backoff_seconds[deliveries - 1]`` (the last entry once the list runs out);
@@ -54,6 +55,7 @@ from pifarm_agent.jobs import (
     DEAD_STREAM,
     JOBS_STREAM,
     MSG_ID_HEADER,
+    RESULTS_STREAM,
     WORKER_INBOX_PREFIX,
     Job,
     JobResult,
@@ -72,6 +74,8 @@ REFRESH_SECONDS = 60.0
 # How long to wait before looking again for a consumer that does not exist yet.
 BIND_RETRY = 5.0
 ACK_TIMEOUT = 5.0
+# How long a finished job's result may wait for NATS (a restart, a lost connection) to be stored.
+RESULT_STORE_PATIENCE = 30.0
 LLAMA_CONNECT_TIMEOUT = 5.0
 JOB_SECONDS_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 LOGGER = "pifarm_agent.worker"
@@ -490,7 +494,9 @@ class Worker:
                 latency_ms=(time.monotonic() - llama_started) * 1000,
                 deliveries=attempt.deliveries,
             )
-            await self._nc.publish(job.result_subject, json.dumps(result.to_dict()).encode())
+            stored = await self._store_result(job, json.dumps(result.to_dict()).encode())
+            if stored is not None:
+                return "failed", job.id, stored
             try:
                 await attempt.message.ack_sync(timeout=ACK_TIMEOUT)
             except Exception as exc:
@@ -505,6 +511,29 @@ class Worker:
             return "done", job.id, None
         finally:
             keep_alive.cancel()
+
+    async def _store_result(self, job: Job, payload: bytes) -> str | None:
+        """Publishes the result into PIFARM_RESULTS and waits for the stream's ack, retrying through a
+        NATS outage; None once stored, else why not (the job is then not acked and runs again)."""
+        deadline = time.monotonic() + RESULT_STORE_PATIENCE
+        while True:
+            try:
+                await self._js.publish(
+                    job.result_subject,
+                    payload,
+                    stream=RESULTS_STREAM,
+                    # A job answered twice (a redelivery after a lost ack) is stored once.
+                    headers={MSG_ID_HEADER: f"result-{job.id}"},
+                    timeout=API_TIMEOUT,
+                )
+                return None
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    return (
+                        f"result not stored in {RESULTS_STREAM} within {RESULT_STORE_PATIENCE:g} s "
+                        f"({type(exc).__name__}: {exc}); the job runs again after ack_wait"
+                    )
+                await asyncio.sleep(1.0)
 
     async def _failed(self, attempt: Attempt, job: Job, reason: str) -> tuple[str, str, str]:
         max_deliver, deliveries = attempt.state.max_deliver, attempt.deliveries

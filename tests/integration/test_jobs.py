@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 
 import nats
@@ -33,7 +34,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pifarm_agent.exporter import ExporterConfig, registry_for
-from pifarm_agent.jobs import DEAD_STREAM, JOBS_STREAM, WORKER_INBOX_PREFIX, Job, names
+from pifarm_agent.jobs import DEAD_STREAM, JOBS_STREAM, RESULTS_STREAM, WORKER_INBOX_PREFIX, Job, names
 
 ANSWERING = "qwen2.5-0.5b"  # dots: its subject token is qwen2_5-0_5b
 REFUSED = "refused.model"  # a llama-server URL where nothing listens
@@ -42,7 +43,8 @@ STOPPED = "sigterm-model"
 IDLE = "idle-model"  # declared, never served
 POISON = "poison-model"  # served on a dead port: every job fails
 LAST = "last-delivery-model"
-MODELS = [ANSWERING, REFUSED, KILLED, STOPPED, IDLE, POISON, LAST]
+DURABLE = "durable-model"
+MODELS = [ANSWERING, REFUSED, KILLED, STOPPED, IDLE, POISON, LAST, DURABLE]
 ACK_WAIT = 3
 MAX_DELIVER = 3
 # Short on purpose: the tests wait for redeliveries and dead letters.
@@ -91,7 +93,7 @@ def declared(nats_server):
     settings = json.dumps(nats_server.settings("admin", **DECLARED))
     code, payload, stderr = agent("declare", stdin=settings)
     assert code == 2, (payload, stderr)
-    assert [s["action"] for s in payload["streams"]] == ["create", "create"]
+    assert [s["action"] for s in payload["streams"]] == ["create", "create", "create"]
     assert {c["name"]: c["action"] for c in payload["consumers"]} == {
         names(model).consumer: "create" for model in MODELS
     }
@@ -155,6 +157,7 @@ def test_declare_is_idempotent_and_check_changes_nothing(declared, nats_server, 
     assert {item["name"]: item["changes"] for item in payload["streams"]} == {
         JOBS_STREAM: ["max_age_seconds"],
         DEAD_STREAM: [],
+        RESULTS_STREAM: [],
     }
     assert watch.consumer(KILLED).config.max_ack_pending == 16
     assert watch.stream(JOBS_STREAM).config.max_age == 1800
@@ -659,7 +662,7 @@ def test_no_result_in_time_is_a_clear_error(declared, producer_settings, watch):
     assert code == 1
     assert payload["message"] == (
         "job idle-1: no result on pifarm.results.idle-1 within 1 s; "
-        "the job stays queued and a worker may still answer it"
+        "the job stays queued, and a worker's answer is kept in PIFARM_RESULTS"
     )
     assert watch.consumer(IDLE).num_pending >= 1
 
@@ -672,6 +675,53 @@ def test_a_wrong_password_fails_without_showing_it(nats_server, declared):
     assert payload["message"].startswith(f"connect to NATS {nats_server.url}: ")
     assert "authorization violation" in payload["message"].lower()
     assert wrong not in json.dumps(payload) + stderr
+
+
+def test_an_answer_survives_a_nats_restart_between_the_run_and_the_read(
+    declared, nats_server, llama_server, producer_settings, watch, tmp_path, capsys
+):
+    # The generation takes 4 s: NATS goes down while it runs and comes back after it finished.
+    proxy = SlowProxy(llama_server.url, delay=4)
+    worker = WorkerProcess(tmp_path, nats_server, "itest-durable", [{"name": DURABLE, "url": proxy.url}])
+    argv = ["--model", DURABLE, "--prompt", "Say yes.", "--n-predict", "4", "--id", "durable-1"]
+    answers: list[tuple[int, dict, str]] = []
+    try:
+        worker.wait_ready()
+        producer = threading.Thread(
+            target=lambda: answers.append(
+                agent("submit", *argv, "--timeout", "60", "--settings", str(producer_settings))
+            )
+        )
+        producer.start()
+        watch.wait_for("the worker to hold the job", lambda: watch.consumer(DURABLE).num_ack_pending == 1, 15)
+        nats_server.stop()
+        stopped = time.monotonic()
+        time.sleep(6)  # the generation ends during the outage; its result waits for NATS
+        nats_server.start()
+        back = time.monotonic()
+        producer.join(timeout=90)
+        answered = time.monotonic() - back
+        [(code, answer, stderr)] = answers
+        assert code == 0, (answer, stderr)
+        assert (answer["id"], answer["node"], answer["deliveries"]) == ("durable-1", "itest-durable", 1)
+        assert answer["text"]
+        # The same id again: no second run, the answer comes from PIFARM_RESULTS.
+        code, again, stderr = agent("submit", *argv, "--timeout", "10", "--settings", str(producer_settings))
+        assert code == 0, (again, stderr)
+        assert (again["duplicate"], again["stream"]) == (True, RESULTS_STREAM)
+        assert (again["text"], again["node"]) == (answer["text"], answer["node"])
+        assert worker.metrics()[f'pifarm_worker_jobs_total{{model="{DURABLE}",outcome="done"}}'] == 1
+        stored = watch.stream(RESULTS_STREAM).state
+        assert stored.messages >= 1
+        figure(
+            capsys,
+            f"NATS down {back - stopped:.1f} s while a job ran: the waiting producer got the answer "
+            f"{answered:.1f} s after NATS came back; the same id again was answered from {RESULTS_STREAM}, "
+            "run once",
+        )
+    finally:
+        worker.stop()
+        proxy.close()
 
 
 def test_the_worker_rides_out_a_nats_restart(node_a, nats_server, producer_settings, capsys):

@@ -16,6 +16,7 @@ from pifarm_agent.jobs import (
     DEAD_STREAM,
     DECLARE_DEFAULTS,
     JOBS_STREAM,
+    RESULTS_STREAM,
     WORKER_INBOX_PREFIX,
     DeclareSettings,
     MalformedJobError,
@@ -92,6 +93,8 @@ def test_the_permission_file_matches_the_names():
         "pifarm.dead.>",
     }
     assert "pifarm.jobs.>" in producer["publish"]["allow"]
+    # submit --wait reads a result it missed (a reconnect, a NATS restart) from the results stream.
+    assert f"$JS.API.STREAM.MSG.GET.{RESULTS_STREAM}" in producer["publish"]["allow"]
     assert not any("MSG.NEXT" in subject or "$JS.ACK" in subject for subject in producer["publish"]["allow"])
     # $MQTT.sub.>: the delivery subjects of an MQTT device's QoS 1 subscription (devices log in
     # as the producer); without it the server refuses the subscription.
@@ -393,14 +396,34 @@ def test_a_changed_field_is_named_with_before_and_after():
     assert compare("stream", DEAD_STREAM, None, stream_view(stream_configs(new)[1])).action == "create"
 
 
-def test_the_streams_are_a_work_queue_and_a_limits_stream():
-    jobs, dead = (stream_view(c) for c in stream_configs(DeclareSettings.parse({"nats": NATS, "models": []})))
+def test_the_streams_are_a_work_queue_and_two_limits_streams():
+    configs = stream_configs(DeclareSettings.parse({"nats": NATS, "models": []}))
+    assert [c.name for c in configs] == [JOBS_STREAM, DEAD_STREAM, RESULTS_STREAM]
+    jobs, dead, results = (stream_view(c) for c in configs)
     assert (jobs["subjects"], jobs["retention"], jobs["discard"]) == (["pifarm.jobs.>"], "workqueue", "new")
     assert (dead["subjects"], dead["retention"], dead["max_age_seconds"]) == (
         ["pifarm.dead.>"],
         "limits",
         604800,
     )
+    assert (results["subjects"], results["retention"], results["max_age_seconds"]) == (
+        ["pifarm.results.>"],
+        "limits",
+        3600,
+    )
+
+
+@pytest.mark.parametrize("key", ["dead_letter_max_age_seconds", "results_max_age_seconds"])
+def test_a_stream_may_not_keep_messages_shorter_than_the_duplicate_window(key):
+    with pytest.raises(
+        SettingsError, match=f"duplicate_window_seconds \\(120\\) must not exceed {key} \\(60\\)"
+    ):
+        DeclareSettings.parse({"nats": NATS, "models": [], key: 60})
+
+
+def test_results_are_kept_for_a_while_never_forever():
+    with pytest.raises(SettingsError, match="results_max_age_seconds must be a number of seconds > 0"):
+        DeclareSettings.parse({"nats": NATS, "models": [], "results_max_age_seconds": 0})
 
 
 # -- worker helpers ---------------------------------------------------------------------
