@@ -84,6 +84,7 @@ class Farm:
         self.timeout_queue = gateway["timeout_queue"]
         self.timeout_http_request = gateway["timeout_http_request"]
         self.max_body_bytes = gateway["max_body_bytes"]
+        self.max_tokens = gateway["max_tokens"]
         self.servers = [
             EdgeServer(node, instance["name"], instance["model"])
             for node, instances in settings["nodes"].items()
@@ -309,6 +310,30 @@ def oversize_request(farm: Farm) -> int:
     return int(match.group(1)) if match else 0
 
 
+def chunked_request(farm: Farm, total: int) -> int:
+    """A chunked body of ``total`` bytes (no Content-Length), its answer read while it is sent."""
+    parts = urlsplit(farm.url)
+    head = (
+        f"POST /completion HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    chunk = b"a" * 65536
+    frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+
+    def send(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(head + b'{"prompt": "')
+            for _ in range(total // len(chunk)):
+                sock.sendall(frame)
+            sock.sendall(b'3\r\n"}\n\r\n0\r\n\r\n')
+
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        threading.Thread(target=send, args=(sock,), daemon=True).start()
+        first = sock.makefile("rb").readline().decode(errors="replace")
+    match = re.match(r"HTTP/1\.[01] (\d{3})", first)
+    return int(match.group(1)) if match else 0
+
+
 def _send_ignoring_reset(sock: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):
         sock.sendall(data)
@@ -339,6 +364,27 @@ def case_bad_requests(farm: Farm) -> None:
     )
     expect(before == after, f"bad requests restarted a llama-server: {before} -> {after}")
     expect(farm.complete().status == 200, "a normal request after the bad ones")
+
+    # The gateway, not llama-server, must refuse these: a 16 KiB buffer passed a chunked body of any
+    # size, and llama-server lets a request's own n_predict win over its --n-predict.
+    chunked = chunked_request(farm, 50 * 1024 * 1024)
+    greedy = farm.complete(n_predict=farm.max_tokens + 1)
+    greedy_chat = farm.post(
+        json.dumps(
+            {"model": farm.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000}
+        ).encode(),
+        path="/v1/chat/completions",
+    )
+    refusal = (greedy.body or {}).get("error", {}).get("message")
+    figure(
+        f"gateway limits: a chunked 50 MB body -> {chunked}; n_predict {farm.max_tokens + 1} ->"
+        f" {greedy.status} ({refusal}); chat max_tokens 100000 -> {greedy_chat.status}"
+    )
+    expect(chunked == 413, f"a chunked 50 MB body gets 413, got {chunked}")
+    expect(
+        greedy.status == 400 and greedy_chat.status == 400,
+        f"the gateway refuses more than {farm.max_tokens} tokens: {greedy}, {greedy_chat}",
+    )
 
 
 def slow_client(farm: Farm, results: list[tuple[int, float]]) -> None:
@@ -527,6 +573,16 @@ def case_offload(farm: Farm) -> None:
     expect(hinted.status == 200 and hinted.server.startswith("offload/"), f"hint header -> offload: {hinted}")
     expect(
         set(edge_before) == {farm.backend}, f"requests without the hint stay on the edge: {dict(edge_before)}"
+    )
+    # The model key after 20 KB of body (the OpenAI SDK sends messages first): routed by it still.
+    padded = {"prompt": SHORT_PROMPT, "n_predict": 4, "metadata": "x" * 20_480, "model": offload["model"]}
+    routed = farm.post(json.dumps(padded).encode())
+    figure(
+        f"offload: model {offload['model']} named after 20 KB of body -> {routed.status} from {routed.server}"
+    )
+    expect(
+        routed.status == 200 and routed.server.startswith("offload/"),
+        f"a model named after 20 KB reaches its backend: {routed}",
     )
 
     try:
