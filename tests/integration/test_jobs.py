@@ -667,6 +667,24 @@ def test_no_result_in_time_is_a_clear_error(declared, producer_settings, watch):
     assert watch.consumer(IDLE).num_pending >= 1
 
 
+def test_submit_takes_no_answer_that_is_not_its_jobs(declared, producer_settings, watch):
+    """Anyone who may publish results could answer on a job's subject: only the job's own id counts."""
+    answers: list[tuple[int, dict, str]] = []
+    argv = ["--model", IDLE, "--prompt", "x", "--id", "forged-1", "--timeout", "4"]
+    pending = watch.consumer(IDLE).num_pending
+    producer = threading.Thread(
+        target=lambda: answers.append(agent("submit", *argv, "--settings", str(producer_settings)))
+    )
+    producer.start()
+    watch.wait_for("the job in the queue", lambda: watch.consumer(IDLE).num_pending > pending, 15)
+    forged = json.dumps({"id": "someone-else", "model": IDLE, "node": "evil", "text": "forged"}).encode()
+    watch.call(watch.nc.publish("pifarm.results.forged-1", forged))
+    producer.join(timeout=30)
+    [(code, payload, _stderr)] = answers
+    assert code == 1, payload
+    assert payload["message"].startswith("job forged-1: no result on pifarm.results.forged-1 within 4 s")
+
+
 def test_a_wrong_password_fails_without_showing_it(nats_server, declared):
     wrong = "not-the-password-Zz81"
     settings = {"nats": {"servers": [nats_server.url], "user": "producer", "password": wrong}}
