@@ -25,7 +25,8 @@ README = REPO / "README.md"
 DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
 LAYOUT = REPO / "docs" / "layout.md"
 LAYOUT_HEADING = "Where things are"
-README_MAX_LINES = 230
+# The two commands, the farm, its figures and the attacks tried; the rest lives in docs/.
+README_MAX_LINES = 260
 
 FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
 HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$")
