@@ -699,6 +699,22 @@ def _enum(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
+def _limits_stream(
+    name: str, prefix: str, max_age: float | int, settings: DeclareSettings
+) -> api.StreamConfig:
+    """A stream that keeps what it gets for ``max_age``, the oldest going first when it is full."""
+    return api.StreamConfig(
+        name=name,
+        subjects=[f"{prefix}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.OLD,
+        max_bytes=settings.max_bytes,
+        max_age=max_age,
+        duplicate_window=settings.duplicate_window_seconds,
+    )
+
+
 def stream_configs(settings: DeclareSettings) -> list[api.StreamConfig]:
     return [
         api.StreamConfig(
@@ -712,26 +728,8 @@ def stream_configs(settings: DeclareSettings) -> list[api.StreamConfig]:
             max_age=settings.max_age_seconds,
             duplicate_window=settings.duplicate_window_seconds,
         ),
-        api.StreamConfig(
-            name=DEAD_STREAM,
-            subjects=[f"{DEAD_PREFIX}.>"],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            discard=api.DiscardPolicy.OLD,
-            max_bytes=settings.max_bytes,
-            max_age=settings.dead_letter_max_age_seconds,
-            duplicate_window=settings.duplicate_window_seconds,
-        ),
-        api.StreamConfig(
-            name=RESULTS_STREAM,
-            subjects=[f"{RESULTS_PREFIX}.>"],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            discard=api.DiscardPolicy.OLD,
-            max_bytes=settings.max_bytes,
-            max_age=settings.results_max_age_seconds,
-            duplicate_window=settings.duplicate_window_seconds,
-        ),
+        _limits_stream(DEAD_STREAM, DEAD_PREFIX, settings.dead_letter_max_age_seconds, settings),
+        _limits_stream(RESULTS_STREAM, RESULTS_PREFIX, settings.results_max_age_seconds, settings),
     ]
 
 
