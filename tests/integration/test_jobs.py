@@ -363,7 +363,8 @@ def test_a_worker_killed_on_the_last_delivery_leaves_one_dead_letter(
         return message.metadata.num_delivered
 
     # Deliveries 1 and 2 die quietly; the last goes to a real worker that is then SIGKILLed.
-    assert [watch.call(take_and_drop()) for _ in range(MAX_DELIVER - 1)] == list(range(1, MAX_DELIVER))
+    dropped = [watch.call(take_and_drop()) for _delivery in range(MAX_DELIVER - 1)]
+    assert dropped == list(range(1, MAX_DELIVER))
     hole = BlackHole()
     doomed = WorkerProcess(tmp_path, nats_server, "itest-last-doomed", [{"name": LAST, "url": hole.url}])
     rescuer = None
