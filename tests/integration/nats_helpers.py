@@ -325,7 +325,8 @@ class BlackHole:
 
 
 class SlowProxy:
-    """Forwards POSTs to a llama-server after ``delay`` seconds: a generation longer than ack_wait."""
+    """Forwards POSTs to a llama-server after ``delay`` seconds (a generation longer than ack_wait),
+    and notes each request's path in ``paths``."""
 
     def __init__(self, target: str, delay: float) -> None:
         proxy = self
@@ -333,6 +334,7 @@ class SlowProxy:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                proxy.paths.append(self.path)
                 time.sleep(proxy.delay)
                 request = urllib.request.Request(
                     target + self.path, data=body, headers={"Content-Type": "application/json"}
@@ -352,6 +354,7 @@ class SlowProxy:
                 pass
 
         self.delay = delay
+        self.paths: list[str] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -44,7 +44,8 @@ IDLE = "idle-model"  # declared, never served
 POISON = "poison-model"  # served on a dead port: every job fails
 LAST = "last-delivery-model"
 DURABLE = "durable-model"
-MODELS = [ANSWERING, REFUSED, KILLED, STOPPED, IDLE, POISON, LAST, DURABLE]
+CHAT = "chat-model"
+MODELS = [ANSWERING, REFUSED, KILLED, STOPPED, IDLE, POISON, LAST, DURABLE, CHAT]
 ACK_WAIT = 3
 MAX_DELIVER = 3
 # Short on purpose: the tests wait for redeliveries and dead letters.
@@ -199,24 +200,24 @@ def test_submit_is_answered_by_a_worker_with_real_llama_text(node_a, producer_se
     assert PASSWORDS["worker"] not in node_a.log_text()
 
 
-def test_a_chat_job_is_answered_through_the_chat_route(node_a, producer_settings):
-    code, answer, stderr = agent(
-        "submit",
-        "--model",
-        ANSWERING,
-        "--prompt",
-        "Say hello.",
-        "--chat",
-        "--n-predict",
-        "8",
-        "--settings",
-        str(producer_settings),
-    )
-    assert code == 0, (answer, stderr)
-    assert answer["text"].strip()
-    assert 1 <= answer["tokens_predicted"] <= 8
-    # /completion would have continued the raw text; the chat route's answer is the assistant's turn.
-    assert "Say hello." not in answer["text"]
+def test_a_chat_job_is_answered_through_the_chat_route(
+    declared, nats_server, llama_server, producer_settings, tmp_path
+):
+    # The route, not the words: the test model is a base model, whose chat answers may echo the prompt.
+    proxy = SlowProxy(llama_server.url, delay=0)
+    worker = WorkerProcess(tmp_path, nats_server, "itest-chat", [{"name": CHAT, "url": proxy.url}])
+    try:
+        worker.wait_ready()
+        argv = ["--model", CHAT, "--prompt", "Say hello.", "--chat", "--n-predict", "8"]
+        code, answer, stderr = agent("submit", *argv, "--settings", str(producer_settings))
+        assert code == 0, (answer, stderr)
+        assert answer["text"].strip()
+        assert 1 <= answer["tokens_predicted"] <= 8
+        # messages go through the model's chat template; a prompt would have gone to /completion.
+        assert proxy.paths == ["/v1/chat/completions"]
+    finally:
+        worker.stop()
+        proxy.close()
 
 
 def test_same_id_twice_is_one_job(node_a, nats_server, producer_settings, watch):
