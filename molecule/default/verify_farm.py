@@ -322,7 +322,8 @@ def chunked_request(farm: Farm, total: int) -> int:
 
     def send(sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            sock.sendall(head + b'{"prompt": "')
+            opening = b'{"prompt": "'
+            sock.sendall(head + b"%x\r\n" % len(opening) + opening + b"\r\n")
             for _ in range(total // len(chunk)):
                 sock.sendall(frame)
             sock.sendall(b'3\r\n"}\n\r\n0\r\n\r\n')
