@@ -175,6 +175,9 @@ WORKER_DEFAULTS: dict[str, Any] = {
     "request_timeout_seconds": 300,
     "metrics_address": "0.0.0.0",
     "metrics_port": 9108,
+    # The farm's ceiling on tokens per job (farm_max_tokens): the gateway holds HTTP requests
+    # to it, the worker holds jobs to it.
+    "max_tokens": MAX_N_PREDICT,
 }
 NATS_KEYS = ("servers", "user", "password")
 
@@ -399,6 +402,7 @@ class WorkerConfig:
     request_timeout_seconds: float | int
     metrics_address: str
     metrics_port: int | None
+    max_tokens: int = MAX_N_PREDICT
 
     @classmethod
     def parse(cls, value: Any, where: str = "config") -> WorkerConfig:
@@ -429,6 +433,9 @@ class WorkerConfig:
             ),
             metrics_address=_string(merged["metrics_address"], f"{where}.metrics_address"),
             metrics_port=port,
+            max_tokens=_integer(
+                merged["max_tokens"], f"{where}.max_tokens", minimum=1, maximum=MAX_N_PREDICT
+            ),
         )
 
     def secrets(self) -> tuple[str, ...]:
@@ -528,8 +535,9 @@ def _reply_to_ok(subject: str) -> bool:
     )
 
 
-def parse_job(data: bytes, subject_token: str | None = None) -> Job:
-    """The job in a message; MalformedJobError says what is wrong with it."""
+def parse_job(data: bytes, subject_token: str | None = None, max_n_predict: int = MAX_N_PREDICT) -> Job:
+    """The job in a message; MalformedJobError says what is wrong with it. A worker passes its
+    farm's token ceiling as max_n_predict."""
     try:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -562,8 +570,8 @@ def parse_job(data: bytes, subject_token: str | None = None) -> Job:
         if not isinstance(prompt, str) or not prompt:
             raise bad("prompt must be a non-empty string" if "prompt" in body else "prompt is missing")
     n_predict = body.get("n_predict", DEFAULT_N_PREDICT)
-    if not isinstance(n_predict, int) or isinstance(n_predict, bool) or not 1 <= n_predict <= MAX_N_PREDICT:
-        raise bad(f"n_predict must be an integer from 1 to {MAX_N_PREDICT}, got {n_predict!r:.40}")
+    if not isinstance(n_predict, int) or isinstance(n_predict, bool) or not 1 <= n_predict <= max_n_predict:
+        raise bad(f"n_predict must be an integer from 1 to {max_n_predict}, got {n_predict!r:.40}")
     reply_to = body.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or not _reply_to_ok(reply_to)):
         raise bad(f"reply_to must be a subject under {RESULTS_PREFIX}., got {reply_to!r:.80}")

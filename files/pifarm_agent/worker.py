@@ -475,7 +475,7 @@ class Worker:
 
     async def _handle(self, attempt: Attempt) -> tuple[str, str | None, str | None]:
         try:
-            job = parse_job(attempt.message.data, attempt.model.names.token)
+            job = parse_job(attempt.message.data, attempt.model.names.token, self.config.max_tokens)
         except MalformedJobError as exc:
             await self._dead_letter(attempt, exc.reason)
             return "dead", exc.job_id, exc.reason

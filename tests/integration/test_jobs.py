@@ -101,6 +101,10 @@ def declared(nats_server):
     return settings
 
 
+# node_a's farm_max_tokens: a job asking for more is refused, as the gateway refuses a request.
+NODE_A_MAX_TOKENS = 64
+
+
 @pytest.fixture(scope="module")
 def node_a(declared, nats_server, llama_server, tmp_path_factory):
     """The long-lived worker: ANSWERING on the real llama-server (2 slots), REFUSED on a dead port."""
@@ -115,6 +119,7 @@ def node_a(declared, nats_server, llama_server, tmp_path_factory):
         ],
         backoff_seconds=WORKER_BACKOFF,
         request_timeout_seconds=60,
+        max_tokens=NODE_A_MAX_TOKENS,
     )
     worker.wait_ready()
     yield worker
@@ -462,8 +467,14 @@ def test_a_malformed_job_is_a_dead_letter_at_once(node_a, watch):
     watch.publish_job(
         subject_model, json.dumps({"id": "wrong-model-1", "model": "other", "prompt": "x"}).encode()
     )
+    watch.publish_job(
+        subject_model,
+        json.dumps(
+            {"id": "too-long-1", "model": ANSWERING, "prompt": "x", "n_predict": NODE_A_MAX_TOKENS + 1}
+        ).encode(),
+    )
 
-    ids = {"no-prompt-1", "bad-reply-1", "wrong-model-1"}
+    ids = {"no-prompt-1", "bad-reply-1", "wrong-model-1", "too-long-1"}
 
     def letters():
         found = [
@@ -472,9 +483,9 @@ def test_a_malformed_job_is_a_dead_letter_at_once(node_a, watch):
             if letter["_subject"] == "pifarm.dead.qwen2_5-0_5b"
             and (letter["id"] is None or letter["id"] in ids)
         ]
-        return found if len(found) == 4 else None
+        return found if len(found) == 5 else None
 
-    found = watch.wait_for("four malformed jobs as dead letters", letters, timeout=15)
+    found = watch.wait_for("five malformed jobs as dead letters", letters, timeout=15)
     by_id = {letter.get("id"): letter for letter in found}
     raw = by_id[None]
     assert raw["excerpt"] == "{not json"
@@ -482,9 +493,11 @@ def test_a_malformed_job_is_a_dead_letter_at_once(node_a, watch):
     assert "prompt is missing" in by_id["no-prompt-1"]["reason"]
     assert "reply_to must be a subject under pifarm.results." in by_id["bad-reply-1"]["reason"]
     assert "does not belong on the subject" in by_id["wrong-model-1"]["reason"]
-    for letter in (raw, by_id["no-prompt-1"], by_id["bad-reply-1"], by_id["wrong-model-1"]):
+    assert f"n_predict must be an integer from 1 to {NODE_A_MAX_TOKENS}" in by_id["too-long-1"]["reason"]
+    for letter in found:
         assert letter["deliveries"] == 1
     assert watch.result_count("bad-reply-1") == 0
+    assert watch.result_count("too-long-1") == 0
 
 
 def test_a_worker_killed_mid_job_gets_its_jobs_redelivered_once(

@@ -190,6 +190,8 @@ def test_worker_config_defaults_and_secrets():
     assert "llama-key-1" not in repr(config)
     assert PASSWORD not in repr(config)
     assert WorkerConfig.parse({**WORKER, "metrics_port": None}).metrics_port is None
+    assert config.max_tokens == 32768
+    assert WorkerConfig.parse({**WORKER, "max_tokens": 1024}).max_tokens == 1024
 
 
 @pytest.mark.parametrize(
@@ -205,6 +207,8 @@ def test_worker_config_defaults_and_secrets():
         ({"models": [{"name": "m", "url": "http://x", "port": 1}]}, "config.models[0]: unknown key 'port'"),
         ({"metrics_port": 70000}, "config.metrics_port must be an integer <= 65535, got 70000"),
         ({"request_timeout_seconds": -1}, "config.request_timeout_seconds must be a number of seconds > 0"),
+        ({"max_tokens": 0}, "config.max_tokens must be an integer >= 1"),
+        ({"max_tokens": 40000}, "config.max_tokens must be an integer <= 32768, got 40000"),
     ],
 )
 def test_worker_config_errors_name_the_key(change, message):
@@ -295,6 +299,13 @@ def test_malformed_chat_messages_say_why(messages, reason):
     with pytest.raises(MalformedJobError) as raised:
         parse_job(data)
     assert raised.value.reason == f"malformed job: {reason}"
+
+
+def test_a_job_above_the_farms_token_ceiling_is_refused():
+    assert parse_job(job(n_predict=64), "qwen2_5-0_5b", max_n_predict=64).n_predict == 64
+    with pytest.raises(MalformedJobError) as raised:
+        parse_job(job(n_predict=65), "qwen2_5-0_5b", max_n_predict=64)
+    assert raised.value.reason == "malformed job: n_predict must be an integer from 1 to 64, got 65"
 
 
 def test_a_job_with_a_prompt_and_messages_is_refused():
