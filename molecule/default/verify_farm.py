@@ -727,6 +727,14 @@ def case_protection(farm: Farm) -> None:
     offload = farm.status("offload", farm.settings["offload"]["server"])
     figure(f"offload endpoint whose name does not resolve: configuration applied, server {offload}")
     expect(not offload.startswith("UP"), f"protection: an unresolvable offload server is not UP ({offload})")
+    metrics_url = farm.stats_url.split("/stats")[0] + "/metrics"
+    anonymous = requests.get(metrics_url, timeout=10).status_code
+    with_auth = requests.get(metrics_url, auth=farm.stats_auth, timeout=10)
+    figure(f"gateway /metrics: without the stats credential {anonymous}, with it {with_auth.status_code}")
+    expect(
+        anonymous == 401 and with_auth.status_code == 200 and "haproxy_backend_" in with_auth.text,
+        f"protection: /metrics wants the stats credential: {anonymous} without, {with_auth.status_code} with",
+    )
     good = {"Authorization": f"Bearer {protection['api_key']}"}
     refused = {
         "no key": farm.complete(headers={}).status,

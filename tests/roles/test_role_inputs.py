@@ -150,6 +150,23 @@ HERE = Path(__file__).resolve().parent
             id="empty-store-token",
         ),
         pytest.param(
+            "monitoring",
+            {
+                # The one host of the test inventory is a gateway; no stats password anywhere.
+                "farm_inventory_groups": {
+                    "nodes": "pifarm_nodes",
+                    "nodes_cpu": "pifarm_nodes_cpu",
+                    "nodes_npu": "pifarm_nodes_npu",
+                    "gateway": "ungrouped",
+                    "storage": "pifarm_storage",
+                    "monitoring": "pifarm_monitoring",
+                }
+            },
+            "Check monitoring variables before changing anything",
+            "monitoring_gateway_stats_password (by default gateway_haproxy_stats_password) set",
+            id="gateways-without-stats-password",
+        ),
+        pytest.param(
             "farm_exporter",
             {"farm_exporter_npu_utilization": "maybe"},
             ARGSPEC,
