@@ -759,6 +759,24 @@ def case_protection(farm: Farm) -> None:
     after = farm.complete(n_predict=1, headers=good).status
     figure(f"rate limit: after 21 s without requests -> {after}")
     expect(after == 200, f"protection: answered again after the window, got {after}")
+    # Twice the cap at once with one key (each generates about 2 s, so all overlap): the cap's
+    # worth answered, the rest refused at once; 5 requests in the window, under the rate limit.
+    cap = protection["max_in_flight"]
+    with ThreadPoolExecutor(max_workers=2 * cap) as pool:
+        answers = list(
+            pool.map(lambda _n: farm.complete(n_predict=128, headers=good, ignore_eos=True), range(2 * cap))
+        )
+    statuses = Counter(answer.status for answer in answers)
+    refused_fast = [round(a.seconds, 2) for a in answers if a.status == 429]
+    figure(
+        f"in flight per key, cap {cap}: {2 * cap} requests at once with one key -> {dict(statuses)};"
+        f" 429 after {refused_fast} s"
+    )
+    expect(
+        statuses == Counter({200: cap, 429: cap})
+        and all("in flight" in str(a.body) for a in answers if a.status == 429),
+        f"protection: {cap} in flight per key answered, the rest 429, got {dict(statuses)}",
+    )
 
 
 # --- a corrupt model on a node's SSD ---------------------------------------------------
