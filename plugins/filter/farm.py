@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 from ansible.errors import AnsibleFilterError
 from ansible.module_utils.parsing.convert_bool import boolean
@@ -35,6 +36,23 @@ def edge_server(node: str, instance: str) -> str:
         if not isinstance(value, str) or not value:
             raise AnsibleFilterError(f"edge_server: the {what} is a non-empty string, got {value!r}")
     return f"{node}_{instance}"
+
+
+def farm_address(host: str, hostvars: Mapping) -> str:
+    """How the farm's other hosts reach ``host``: its ``farm_address``, else its ``ansible_host``,
+    else its inventory name. Every role that points one host at another (Prometheus, the store's
+    clients, NATS routes and workers) asks this, so all of them reach a host at one address."""
+    if not isinstance(host, str) or not host:
+        raise AnsibleFilterError(f"farm_address: a host's inventory name is a non-empty string, got {host!r}")
+    try:
+        values = hostvars[host]
+    except KeyError:
+        raise AnsibleFilterError(f"farm_address: {host!r} is not a host of the inventory") from None
+    for key in ("farm_address", "ansible_host"):
+        value = values.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return host
 
 
 def _step_target(spec: object, total: int, index: int) -> int:
@@ -254,6 +272,7 @@ class FilterModule:
         return {
             "edge_backend": edge_backend,
             "edge_server": edge_server,
+            "farm_address": farm_address,
             "rollout_plan": rollout_plan,
             "rollout_gate": rollout_gate,
             "rollout_check_line": rollout_check_line,

@@ -204,11 +204,19 @@ def test_model_cache_refuses_bad_input_before_touching_the_host(
     assert "Node-secret-9e3b5c" not in result.stdout
 
 
-def test_model_cache_finds_the_store_in_the_inventory(tmp_path, ansible_env, node_vars):
+@pytest.mark.parametrize(
+    ("store_a", "endpoint"),
+    [
+        ("store-a ansible_host=192.0.2.10", "http://192.0.2.10:9100"),
+        # The farm's own network wins over the one Ansible connects over, as Prometheus scrapes it.
+        ("store-a ansible_host=192.0.2.10 farm_address=10.0.10.5", "http://10.0.10.5:9100"),
+    ],
+)
+def test_model_cache_finds_the_store_in_the_inventory(tmp_path, ansible_env, node_vars, store_a, endpoint):
     """Without an endpoint, the first pifarm_storage host on farm_store_port: the contract's default."""
     inventory = (
         "pifarm-no-such-host ansible_connection=community.docker.docker\n"
-        "[pifarm_storage]\nstore-a ansible_host=192.0.2.10\nstore-b\n"
+        f"[pifarm_storage]\n{store_a}\nstore-b\n"
     )
     extra = {**node_vars, "model_cache_store_endpoint": None, "farm_store_port": 9100}
     # -v shows the fact the role decides.
@@ -217,7 +225,7 @@ def test_model_cache_finds_the_store_in_the_inventory(tmp_path, ansible_env, nod
     counts = recap(result)
     assert counts["failed"] == 0
     assert counts["unreachable"] == 1
-    assert "http://192.0.2.10:9100" in result.stdout
+    assert endpoint in result.stdout
     assert "Node-secret-9e3b5c" not in result.stdout
 
 

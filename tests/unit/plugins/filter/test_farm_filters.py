@@ -7,6 +7,7 @@ from ansible.errors import AnsibleFilterError
 from ansible_collections.pifarm.inference.plugins.filter.farm import (
     edge_backend,
     edge_server,
+    farm_address,
     rollout_check_line,
     rollout_gate,
     rollout_plan,
@@ -14,6 +15,25 @@ from ansible_collections.pifarm.inference.plugins.filter.farm import (
 )
 
 NODES = [f"n{i}" for i in range(1, 9)]
+
+
+def test_farm_address_prefers_farm_address_then_ansible_host_then_the_name():
+    hostvars = {
+        "store1": {"farm_address": "10.0.10.5", "ansible_host": "192.168.1.5"},
+        "node1": {"ansible_host": "192.168.1.21", "farm_address": None},
+        "node2": {"farm_address": " "},
+    }
+    assert farm_address("store1", hostvars) == "10.0.10.5"
+    assert farm_address("node1", hostvars) == "192.168.1.21"
+    assert farm_address("node2", hostvars) == "node2"
+
+
+@pytest.mark.parametrize(
+    ("host", "message"), [("", "non-empty string"), ("ghost", "not a host of the inventory")]
+)
+def test_farm_address_refuses_what_is_not_a_host(host, message):
+    with pytest.raises(AnsibleFilterError, match=message):
+        farm_address(host, {"node1": {}})
 
 
 def test_edge_names_keep_subject_and_label_safe_characters():
