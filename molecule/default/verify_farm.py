@@ -387,6 +387,21 @@ def case_bad_requests(farm: Farm) -> None:
         f"the gateway refuses more than {farm.max_tokens} tokens: {greedy}, {greedy_chat}",
     )
 
+    # Model names as OpenAI clients expect them: a model the farm does not serve is not answered by
+    # the default one, and /v1/models lists the farm's models, not one node's.
+    unknown = farm.post(
+        json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        path="/v1/chat/completions",
+    )
+    code = ((unknown.body or {}).get("error") or {}).get("code")
+    listing = requests.get(farm.url + "/v1/models", timeout=10)
+    listed = sorted(item["id"] for item in listing.json().get("data", [])) if listing.ok else []
+    edge_models = {item["model"] for instances in farm.settings["nodes"].values() for item in instances}
+    served = sorted(edge_models | set(farm.settings["offload"]["models"]))
+    figure(f"model names: 'gpt-4o' -> {unknown.status} ({code}); /v1/models {listing.status_code}: {listed}")
+    expect(unknown.status == 404 and code == "model_not_found", f"an unknown model gets 404: {unknown}")
+    expect(listed == served, f"/v1/models lists every served model {served}, got {listed}")
+
 
 def slow_client(farm: Farm, results: list[tuple[int, float]]) -> None:
     """A slowloris client: the request head one header a second, never finished."""
