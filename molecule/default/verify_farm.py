@@ -484,6 +484,135 @@ def steady_load(farm: Farm, clients: int) -> SteadyLoad:
     return SteadyLoad(lambda: farm.complete(n_predict=8), clients)
 
 
+# --- conversation affinity ----------------------------------------------------------------
+
+# A system prompt the conversations share, about 600 of the slot's 1 024 tokens: what makes a
+# turn's prompt processing expensive when the turn lands where its history is not cached.
+AFFINITY_SYSTEM = "You are a concise assistant for a farm of Raspberry Pi boards. " + " ".join(
+    f"Rule {n}: answer in one short sentence about topic {n}." for n in range(40)
+)
+AFFINITY_HEADER = "X-Session-Id"
+
+
+@dataclass
+class Turn:
+    conversation: int
+    turn: int
+    status: int
+    server: str
+    prompt_tokens: int
+    processed: int
+    prompt_ms: float
+
+
+def chat_turns(farm: Farm, conversations: int, turns: int, session: Callable[[int], str]) -> list[Turn]:
+    """Conversations taking turns one after another; each turn's history grows by its question and
+    the answer. ``session(c)`` is the session header of conversation c's next turn."""
+    run = uuid.uuid4().hex[:8]  # this run's histories are in no slot or prompt cache yet
+    histories = {c: [{"role": "system", "content": AFFINITY_SYSTEM}] for c in range(conversations)}
+    rows = []
+    for turn in range(turns):
+        for c in range(conversations):
+            histories[c].append(
+                {"role": "user", "content": f"Chat {c} of run {run}, question {turn}: a color?"}
+            )
+            answer = farm.post(
+                json.dumps({"model": farm.model, "messages": histories[c], "max_tokens": 12}).encode(),
+                headers={AFFINITY_HEADER: session(c)},
+                path="/v1/chat/completions",
+            )
+            body = answer.body or {}
+            text = ((body.get("choices") or [{}])[0].get("message") or {}).get("content") or "(none)"
+            histories[c].append({"role": "assistant", "content": text})
+            timings = body.get("timings") or {}
+            rows.append(
+                Turn(
+                    c,
+                    turn,
+                    answer.status,
+                    answer.server,
+                    (body.get("usage") or {}).get("prompt_tokens", 0),
+                    timings.get("prompt_n", 0),
+                    timings.get("prompt_ms", 0.0),
+                )
+            )
+    return rows
+
+
+def turn_figures(rows: list[Turn]) -> tuple[int, int, str]:
+    """Prompt tokens processed on turns 2+, their new tokens, and the prompt times' p50/p95."""
+    later = [row for row in rows if row.turn > 0]
+    previous = {(row.conversation, row.turn): row.prompt_tokens for row in rows}
+    new = sum(row.prompt_tokens - previous[(row.conversation, row.turn - 1)] for row in later)
+    times = [row.prompt_ms / 1000 for row in later]
+    return (
+        sum(row.processed for row in later),
+        new,
+        f"p50 {ms(percentile(times, 0.5))}, p95 {ms(percentile(times, 0.95))}",
+    )
+
+
+def case_affinity(farm: Farm) -> None:
+    """A conversation's turns go to the node that holds its prompt cache (the session header),
+    against a node chosen afresh each turn; a node that goes down moves only its conversations."""
+    conversations, turns = 4, 6
+    sessions = {c: uuid.uuid4().hex for c in range(conversations)}
+    kept = chat_turns(farm, conversations, turns, lambda c: sessions[c])
+    scattered = chat_turns(farm, conversations, turns, lambda _c: uuid.uuid4().hex)
+    homes = {c: {row.server for row in kept if row.conversation == c} for c in range(conversations)}
+    split = Counter(next(iter(servers)) for servers in homes.values() if len(servers) == 1)
+    kept_n, kept_new, kept_times = turn_figures(kept)
+    scattered_n, scattered_new, scattered_times = turn_figures(scattered)
+    figure(
+        f"affinity: {conversations} chats x {turns} turns sharing a ~600-token system prompt; turns 2-{turns}"
+        f" processed {kept_n} prompt tokens for {kept_new} new ({kept_n / max(kept_new, 1):.2f}x),"
+        f" prompt time"
+        f" {kept_times}; conversations per node {dict(split)}"
+    )
+    figure(
+        f"affinity: the same with a node chosen afresh each turn (as leastconn): {scattered_n} processed for"
+        f" {scattered_new} new ({scattered_n / max(scattered_new, 1):.2f}x), prompt time {scattered_times}"
+    )
+    expect(all(row.status == 200 for row in kept + scattered), "affinity: every turn answered")
+    expect(
+        all(len(servers) == 1 for servers in homes.values()),
+        f"affinity: each conversation stays on one server, got {homes}",
+    )
+    if sorted(split.values()) == [conversations // 2] * 2:
+        expect(
+            kept_n < scattered_n,
+            f"affinity: kept chats process fewer prompt tokens ({kept_n}) than scattered ({scattered_n})",
+        )
+    else:
+        figure(
+            f"affinity: the session keys hashed {dict(split)}, not 2 per node: processed tokens not compared"
+        )
+
+    # The node of conversation 0 goes down: its conversations move, the others stay where they are.
+    victim = next(server for server in farm.servers if f"{farm.backend}/{server.name}" in homes[0])
+    try:
+        farm.systemctl(victim.node, "stop", victim.unit)
+        farm.wait_status(farm.backend, victim.name, "DOWN", timeout=60)
+        moved = chat_turns(farm, conversations, 1, lambda c: sessions[c])
+    finally:
+        farm.systemctl(victim.node, "start", victim.unit)
+    farm.wait_status(farm.backend, victim.name, "UP", timeout=90)
+    where = {row.conversation: row.server for row in moved}
+    figure(
+        f"affinity: {victim.name} down -> next turns on {where} (before: {homes}),"
+        f" statuses {[row.status for row in moved]}"
+    )
+    expect(all(row.status == 200 for row in moved), "affinity: every turn answered with its node down")
+    expect(
+        all(
+            where[c] != f"{farm.backend}/{victim.name}"
+            and (where[c] in homes[c] or f"{farm.backend}/{victim.name}" in homes[c])
+            for c in where
+        ),
+        f"affinity: only the down node's conversations moved: {where}, before {homes}",
+    )
+
+
 def case_failover(farm: Farm) -> None:
     """A node's llama-server stops under load. Nothing fails: connection failures, and the requests
     running on it when it goes (closed without an answer), are retried on the other node. The stop
@@ -1035,6 +1164,7 @@ def case_rollout_gate(farm: Farm) -> None:
 CASES: dict[str, Callable[[Farm], Any]] = {
     "exporter": case_exporter,
     "spread": case_spread,
+    "affinity": case_affinity,
     "bad requests": case_bad_requests,
     "slowloris": case_slowloris,
     "queue": case_queue,
