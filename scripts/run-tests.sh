@@ -15,12 +15,11 @@ export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0 NO_COLOR=1
 
 logs="$repo/build/logs"
 mkdir -p "$logs"
-rm -f "$logs/farm-build.result"
 # Every molecule scenario is a stage of its own, found by its molecule.yml.
 # Scenarios that converge runtime_builder (directly or through the site
 # playbook, as `default`, the farm, does) use the llama.cpp build, as do the
 # integration tests (pytest): they run after the llama-build stage, the others
-# before. `default`'s verify runs last and alone: it measures the farm, and a
+# before. `default` runs last and alone: its verify measures the farm, and a
 # stage beside it would be in its figures.
 mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
 early_scenarios=() build_scenarios=()
@@ -42,14 +41,9 @@ all_stages=(yamllint ansible-lint ruff shellcheck sanity collection "${early_sce
 # The unit tests (7 min) go beside the integration tests, in the slot that
 # llama_server (18 min) leaves: beside the early scenarios they made that group
 # the longer one (measured: 17.5 min wall with them, about 14 without).
-# The farm (molecule-default) runs in two parts: its build (create, prepare,
-# check on the fresh farm, converge, idempotence: 23 min, mostly Ansible
-# waiting on the containers) in one more slot beside the build group, and its
-# verify after the group, alone, as its figures must not carry another
-# stage's load. Run after the group, as it was, it made make test 74 min.
 # Members start in the order listed: llama_server, the longest, first.
 early_group=("${early_scenarios[@]}")
-build_group=(farm-build "${build_scenarios[@]}" pytest pytest-unit)
+build_group=("${build_scenarios[@]}" pytest pytest-unit)
 
 stage_yamllint() { yamllint -s .; }
 stage_ansible-lint() { ansible-lint; }
@@ -115,38 +109,6 @@ stage_collection() {
 # molecule wraps its output to the terminal's width (COLUMNS when not a
 # terminal): wide enough that a [figures] line stays one line for the summary.
 run_molecule() { COLUMNS=4000 molecule test -s "$1"; }
-# The farm's two parts (see build_group): the first leaves the farm up for the
-# second; a failed first part tears it down and the second then only reports.
-molecule_default_build() {
-  local step
-  for step in destroy check converge idempotence; do
-    echo "--- molecule $step -s default ($(date +%T))"
-    COLUMNS=4000 molecule "$step" -s default || { COLUMNS=4000 molecule destroy -s default; return 1; }
-  done
-}
-molecule_default_verify() {
-  local rc=0 step
-  for step in verify destroy; do
-    echo "--- molecule $step -s default ($(date +%T))"
-    COLUMNS=4000 molecule "$step" -s default || rc=1
-  done
-  return $rc
-}
-stage_farm-build() { molecule_default_build; }
-# The farm's second part; one stage, molecule-default, in the report: its log
-# holds both parts, its time is both parts' (the wait between them not counted).
-stage_molecule-default() {
-  if [ ! -f "$logs/farm-build.result" ]; then
-    run_molecule default
-    return
-  fi
-  local rc secs
-  read -r rc secs <"$logs/farm-build.result"
-  cat "$logs/farm-build.log"
-  echo "--- the farm's build took ${secs} s beside the build group"
-  [ "$rc" -eq 0 ] || return "$rc"
-  molecule_default_verify
-}
 
 junit_counts() {
   # prints "passed failed" from pytest's junit report
@@ -185,18 +147,14 @@ done
 # Runs one stage into build/logs/<stage>.log; its exit code and seconds go to
 # <stage>.result for report_stage.
 run_stage() {
-  local stage=$1 start rc secs
+  local stage=$1 start rc
   local run=("stage_$stage")
-  [[ $stage == molecule-* ]] && ! declare -F "stage_$stage" >/dev/null && run=(run_molecule "${stage#molecule-}")
+  [[ $stage == molecule-* ]] && run=(run_molecule "${stage#molecule-}")
   start=$(date +%s)
   [[ $stage != pytest* ]] || rm -f "$repo/build/$stage.xml"
   "${run[@]}" >"$logs/$stage.log" 2>&1
   rc=$?
-  secs=$(($(date +%s) - start))
-  if [ "$stage" = molecule-default ] && [ -f "$logs/farm-build.result" ]; then
-    secs=$((secs + $(cut -d' ' -f2 "$logs/farm-build.result")))
-  fi
-  echo "$rc $secs" >"$logs/$stage.result"
+  echo "$rc $(($(date +%s) - start))" >"$logs/$stage.result"
 }
 
 passed=0
@@ -233,22 +191,15 @@ report_stage() {
 # reports them in order once all have finished.
 parallel_jobs=${PIFARM_TEST_JOBS:-2}
 run_group() {
-  local member members=() launch=() pids=() jobs_max=$parallel_jobs
+  local member members=() launch=() pids=()
   for member in "$@"; do
-    if [ "$member" = farm-build ]; then
-      # The farm's build when its verify is asked for, in a slot of its own.
-      [[ " ${stages[*]} " == *" molecule-default "* ]] || continue
-      jobs_max=$((jobs_max + 1))
-      launch=("$member" "${launch[@]}")
-      continue
-    fi
     [[ " ${stages[*]} " == *" $member "* ]] || continue
     members+=("$member")
     if [ "$member" = molecule-network ]; then launch=("$member" "${launch[@]}"); else launch+=("$member"); fi
   done
   for member in "${launch[@]}"; do
     # Polled, not wait -n: that would also reap the background build.
-    while [ "$(jobs -rp | grep -vcx "${llama_build_pid:-none}")" -ge "$jobs_max" ]; do
+    while [ "$(jobs -rp | grep -vcx "${llama_build_pid:-none}")" -ge "$parallel_jobs" ]; do
       sleep 2
     done
     run_stage "$member" &
