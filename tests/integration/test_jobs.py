@@ -470,11 +470,11 @@ def test_a_malformed_job_is_a_dead_letter_at_once(node_a, watch):
     watch.publish_job(
         subject_model,
         json.dumps(
-            {"id": "too-long-1", "model": ANSWERING, "prompt": "x", "n_predict": NODE_A_MAX_TOKENS + 1}
+            {"id": "greedy-1", "model": ANSWERING, "prompt": "x", "n_predict": NODE_A_MAX_TOKENS + 1}
         ).encode(),
     )
 
-    ids = {"no-prompt-1", "bad-reply-1", "wrong-model-1", "too-long-1"}
+    ids = {"no-prompt-1", "bad-reply-1", "wrong-model-1", "greedy-1"}
 
     def letters():
         found = [
@@ -493,11 +493,11 @@ def test_a_malformed_job_is_a_dead_letter_at_once(node_a, watch):
     assert "prompt is missing" in by_id["no-prompt-1"]["reason"]
     assert "reply_to must be a subject under pifarm.results." in by_id["bad-reply-1"]["reason"]
     assert "does not belong on the subject" in by_id["wrong-model-1"]["reason"]
-    assert f"n_predict must be an integer from 1 to {NODE_A_MAX_TOKENS}" in by_id["too-long-1"]["reason"]
+    assert f"n_predict must be an integer from 1 to {NODE_A_MAX_TOKENS}" in by_id["greedy-1"]["reason"]
     for letter in found:
         assert letter["deliveries"] == 1
     assert watch.result_count("bad-reply-1") == 0
-    assert watch.result_count("too-long-1") == 0
+    assert watch.result_count("greedy-1") == 0
 
 
 def test_a_worker_killed_mid_job_gets_its_jobs_redelivered_once(
