@@ -61,8 +61,18 @@ def test_inventory_sizes(name: str, nodes: int, npu_nodes: int, ansible_env):
     assert hosts_of(inventory, "pifarm_gateway"), "a farm needs a gateway"
 
 
+def plays_of(playbook: Path) -> list[dict]:
+    """The plays of a playbook, those of the playbooks it imports in their place."""
+    plays = []
+    for play in yaml.safe_load(playbook.read_text()):
+        imported = play.get("ansible.builtin.import_playbook")
+        plays += plays_of(playbook.parent / imported) if imported else [play]
+    return plays
+
+
 def test_site_playbook_targets_only_farm_groups():
-    plays = yaml.safe_load((REPO / "playbooks/site.yml").read_text())
+    plays = plays_of(REPO / "playbooks/site.yml")
+    assert "Model store on the storage host" in [play["name"] for play in plays]
     for play in plays:
         # A subscript picks hosts of a group (pifarm_storage[0]); the group must be the farm's.
         patterns = {re.sub(r"\[[0-9:-]+\]$", "", p) for p in play["hosts"].replace(",", ":").split(":")}
@@ -107,9 +117,15 @@ def test_the_farm_refuses_exactly_the_example_secrets():
     assert set(FARM_VARS["__farm_example_secret_sha256"]) == known
 
 
-def test_the_site_playbook_refuses_a_farm_with_example_secrets(ansible_env):
-    argv = ["ansible-playbook", "-i", str(REPO / "inventory" / "pi5-4node"), str(REPO / "playbooks/site.yml"),
-            "--vault-password-file", str(EXAMPLE_VAULT_PASSWORD), "--limit", "pifarm_gateway"]  # fmt: skip
+@pytest.mark.parametrize(
+    ("playbook", "limit"),
+    [("site.yml", ["--limit", "pifarm_gateway"]), ("store.yml", [])],
+    ids=["site", "store"],
+)
+def test_the_playbooks_refuse_a_farm_with_example_secrets(ansible_env, playbook, limit):
+    inventory = REPO / "inventory" / "pi5-4node"
+    argv = ["ansible-playbook", "-i", str(inventory), str(REPO / "playbooks" / playbook),
+            "--vault-password-file", str(EXAMPLE_VAULT_PASSWORD), *limit]  # fmt: skip
     refused = subprocess.run(argv, capture_output=True, text=True, env=ansible_env, check=False, timeout=300)
     assert refused.returncode != 0
     assert "still hold the example values" in refused.stdout
