@@ -67,8 +67,9 @@ from pifarm_agent.jobs import (
 )
 
 OUTCOMES = ("done", "failed", "retried", "dead")
-# How long one pull waits on the server: also the longest a stop waits for a pull to return.
-FETCH_WAIT = 5.0
+# How long one pull waits on the server: also the longest a stop (a rollout's drain, a restart)
+# waits for a pull to return. An idle slot asks the server once a second: nothing for NATS.
+FETCH_WAIT = 1.0
 # How often the consumer's ack_wait and max_deliver are re-read (declare may change them).
 REFRESH_SECONDS = 60.0
 # How long to wait before looking again for a consumer that does not exist yet.
