@@ -157,9 +157,25 @@ run_stage() {
   echo "$rc $(($(date +%s) - start))" >"$logs/$stage.result"
 }
 
+junit_failures() {
+  # prints each failed or erroring test of pytest's junit report, one per line
+  python3 - "$1" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    raise SystemExit
+for case in root.iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        print(f"{case.get('classname')}::{case.get('name')}")
+PY
+}
+
 passed=0
 failed=0
 failed_stages=()
+failed_tests=()
 # Prints a finished stage's line, its [figures] lines, and on failure the end of its log.
 report_stage() {
   local stage=$1 log="$logs/$1.log" rc secs
@@ -171,6 +187,7 @@ report_stage() {
     passed=$((passed + p))
     failed=$((failed + f))
     printf '%s (%d passed, %d failed) %ds\n' "$([ "$f" -eq 0 ] && echo PASS || echo FAIL)" "$p" "$f" "$secs"
+    mapfile -t -O "${#failed_tests[@]}" failed_tests < <(junit_failures "$repo/build/$stage.xml")
   elif [ "$rc" -eq 0 ]; then
     passed=$((passed + 1))
     printf 'PASS %ds\n' "$secs"
@@ -228,5 +245,7 @@ for stage in "${stages[@]}"; do
 done
 
 [ ${#failed_stages[@]} -eq 0 ] || echo "failed stages: ${failed_stages[*]}"
+# Last, next to the summary: the lines CI shows when its output is cut.
+[ ${#failed_tests[@]} -eq 0 ] || printf 'failed test: %s\n' "${failed_tests[@]}"
 echo "summary: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
