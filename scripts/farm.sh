@@ -77,7 +77,7 @@ stage "containers" playbook molecule/resources/farm.yml
 if store_answers; then
   printf '\n[farm] the store already answers: it is converged with the whole farm below\n' >&2
 else
-  stage "store (store.yml)" playbook playbooks/store.yml
+  stage "store and artifacts (store.yml)" playbook playbooks/store.yml
 fi
 stage "publish the chat model" playbook molecule/resources/publish_test_model.yml
 stage "site.yml (whole farm)" playbook playbooks/site.yml
