@@ -110,8 +110,9 @@ stage_collection() {
 # terminal): wide enough that a [figures] line stays one line for the summary.
 run_molecule() { COLUMNS=4000 molecule test -s "$1"; }
 
-junit_counts() {
-  # prints "passed failed" from pytest's junit report
+junit_report() {
+  # prints "passed failed" from pytest's junit report, then each failed or
+  # erroring test, one per line
   python3 - "$1" <<'PY'
 import sys
 import xml.etree.ElementTree as ET
@@ -125,6 +126,9 @@ total = sum(int(s.get("tests", 0)) for s in suites)
 bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
 skipped = sum(int(s.get("skipped", 0)) for s in suites)
 print(total - bad - skipped, bad)
+for case in root.iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        print(f"{case.get('classname')}::{case.get('name')}")
 PY
 }
 
@@ -157,21 +161,6 @@ run_stage() {
   echo "$rc $(($(date +%s) - start))" >"$logs/$stage.result"
 }
 
-junit_failures() {
-  # prints each failed or erroring test of pytest's junit report, one per line
-  python3 - "$1" <<'PY'
-import sys
-import xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except (OSError, ET.ParseError):
-    raise SystemExit
-for case in root.iter("testcase"):
-    if case.find("failure") is not None or case.find("error") is not None:
-        print(f"{case.get('classname')}::{case.get('name')}")
-PY
-}
-
 passed=0
 failed=0
 failed_stages=()
@@ -182,12 +171,14 @@ report_stage() {
   read -r rc secs <"$logs/$stage.result"
   printf '=== %-20s ' "$stage"
   if [[ $stage == pytest* ]]; then
-    read -r p f < <(junit_counts "$repo/build/$stage.xml")
+    local report
+    mapfile -t report < <(junit_report "$repo/build/$stage.xml")
+    read -r p f <<<"${report[0]}"
     [ "$rc" -eq 0 ] || [ "$f" -gt 0 ] || f=1
     passed=$((passed + p))
     failed=$((failed + f))
     printf '%s (%d passed, %d failed) %ds\n' "$([ "$f" -eq 0 ] && echo PASS || echo FAIL)" "$p" "$f" "$secs"
-    mapfile -t -O "${#failed_tests[@]}" failed_tests < <(junit_failures "$repo/build/$stage.xml")
+    failed_tests+=("${report[@]:1}")
   elif [ "$rc" -eq 0 ]; then
     passed=$((passed + 1))
     printf 'PASS %ds\n' "$secs"
